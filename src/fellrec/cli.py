@@ -1,0 +1,154 @@
+"""The ``fellrec`` command: one table of subcommands, each a plain function.
+
+A user's mistake (bad config, bad data file, missing package) is printed on one line and exits
+with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+
+from fellrec import __version__
+from fellrec.errors import FellrecError
+
+
+def _config(args):
+    from fellrec.config import load_config
+
+    return load_config(args.config, args.set or [])
+
+
+def cmd_data_stats(args) -> None:
+    """Load, filter, split and partition the data of CONFIG and print its summary and client table."""
+    from fellrec.pipeline import client_table, prepare, summary
+
+    cfg = _config(args)
+    prepared = prepare(cfg, progress=not args.quiet)
+    info = summary(prepared)
+    table = client_table(prepared)
+    if args.json:
+        print(json.dumps({"summary": info, "clients": table.to_dict(orient="records")}, indent=2))
+        return
+    print(format_summary(info))
+    print()
+    print(format_table(table))
+
+
+def format_summary(s: dict) -> str:
+    def day(t):
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d") if t is not None else "-"
+
+    lines = [
+        f"dataset        {s['dataset']}",
+        f"users          {s['users']:,}",
+        f"items          {s['items']:,}",
+        f"interactions   {s['interactions']:,}  (density {s['density']:.4%})",
+        f"per user       min {s['per_user_min']}, median {s['per_user_median']:g}, max {s['per_user_max']}",
+        f"time span      {day(s['time_first'])} .. {day(s['time_last'])}",
+        f"same-time      {s['same_timestamp_share']:.1%} of interactions share their timestamp with another "
+        "of the same user (kept in file order)",
+        f"split          {s['split']}: train {s['interactions_train']:,} / valid {s['interactions_valid']:,}"
+        f" / test {s['interactions_test']:,} interactions",
+    ]
+    if s["split_cuts"]:
+        lines.append(f"cut times      valid from {day(s['split_cuts'][0])}, test from {day(s['split_cuts'][1])}")
+    lines += [
+        f"samples        train {s['samples_train']:,} / valid {s['samples_valid']:,} / test "
+        f"{s['samples_test']:,} (history of up to {s['history_len']} items; one test sample per user)",
+        f"clients        {s['clients']} by {s['partition']}, covering {s['users_in_clients']:,} users with "
+        "train data",
+    ]
+    lines += [f"note           {n}" for n in s["notes"]]
+    return "\n".join(lines)
+
+
+def format_table(table) -> str:
+    cols = list(table.columns)
+    cells = [[str(c) for c in cols]] + [[f"{v:,}" if isinstance(v, int) else str(v) for v in row]
+                                         for row in table.itertuples(index=False)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cols))]
+    numeric = [table[c].dtype.kind in "iuf" for c in cols]
+
+    def fmt(row):
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(row, widths, numeric, strict=True))
+
+    out = [fmt(cells[0]), "  ".join("-" * w for w in widths)]
+    out += [fmt(r) for r in cells[1:]]
+    total = {c: int(table[c].sum()) for c in ("users", "train", "valid", "test")}
+    out.append("  ".join("-" * w for w in widths))
+    out.append(f"total: {total['users']:,} users, {total['train']:,} train / {total['valid']:,} valid / "
+               f"{total['test']:,} test samples")
+    return "\n".join(out)
+
+
+def cmd_data_formats(args) -> None:
+    """List the dataset formats and what data.path must point to for each."""
+    from fellrec.data.registry import FORMATS
+
+    for name, (_, expects) in FORMATS.items():
+        print(f"{name:16} {expects}")
+
+
+def cmd_config_show(args) -> None:
+    """Print the full resolved config (defaults, file, then --set overrides)."""
+    from fellrec.config import dump
+
+    print(dump(_config(args)), end="")
+
+
+def cmd_config_keys(args) -> None:
+    """Print every config key with its default and what it does."""
+    from fellrec.config import describe
+
+    for key, default, doc in describe():
+        print(f"{key} = {json.dumps(default)}\n    {doc}")
+
+
+COMMANDS = {
+    ("data", "stats"): cmd_data_stats,
+    ("data", "formats"): cmd_data_formats,
+    ("config", "show"): cmd_config_show,
+    ("config", "keys"): cmd_config_keys,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fellrec", description="Federated fine-tuning of LLM-based "
+                                     "recommenders: FELLRec, FedPA and the baselines.")
+    parser.add_argument("--version", action="version", version=f"fellrec {__version__}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+    subs = {}
+    for (group, name), func in COMMANDS.items():
+        if group not in subs:
+            subs[group] = groups.add_parser(group, help=f"{group} commands").add_subparsers(
+                dest="command", required=True, metavar="SUBCOMMAND")
+        p = subs[group].add_parser(name, help=func.__doc__.splitlines()[0], description=func.__doc__)
+        p.set_defaults(func=func)
+        if func in (cmd_data_stats, cmd_config_show):
+            p.add_argument("config", nargs="?", help="YAML config (default: all defaults)")
+            p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                           help="override one key, e.g. --set partition.num_clients=8 (repeatable)")
+        if func is cmd_data_stats:
+            p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+            p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FellrecError as err:
+        print(f"fellrec: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fellrec: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

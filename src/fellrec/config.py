@@ -1,0 +1,279 @@
+"""Experiment configuration: dataclasses with a default and a one-line doc for every key.
+
+A YAML file gives any subset of the keys; ``--set a.b=c`` overrides one key from the command line
+(the value is read as YAML, so ``--set partition.num_clients=8`` is an int and
+``--set data.min_rating=null`` is None). Everything is checked before any work starts and all
+problems are reported at once, each naming the key, and the file and line where it was written.
+
+The key reference (``fellrec config keys``) is generated from the ``doc`` of each field below, so a
+key is documented once, where it is declared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fellrec.errors import ConfigError
+
+
+def opt(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field: its default, its one-line doc and, for a string, its allowed values."""
+    meta = {"doc": doc, "choices": choices}
+    if isinstance(default, list | dict) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: _copy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _copy(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value)
+    return type(value)(value)
+
+
+@dataclass
+class DomainConfig:
+    name: str = opt("", "the domain's name; it names its client under partition.method=domain")
+    format: str = opt("ml-100k-recbole", "loader of this domain's files (see data.format)")
+    path: str | None = opt(None, "file or directory of this domain's data (see data.path)")
+    meta: str | None = opt(None, "item-metadata file, where it cannot be found beside path")
+
+
+@dataclass
+class DataConfig:
+    format: str = opt("ml-100k-recbole", "dataset loader: ml-100k-recbole (packaged, offline), ml-100k, "
+                      "ml-1m, ml-csv, amazon2018, amazon2023, goodreads, microlens, kuairand")
+    path: str | None = opt(None, "file or directory of the downloaded data (not needed for ml-100k-recbole)")
+    meta: str | None = opt(None, "item-metadata file, where it cannot be found beside path")
+    domains: list[DomainConfig] = opt([], "several datasets loaded together, one domain each "
+                                      "(cross-domain federation); replaces format/path/meta")
+    min_rating: float | None = opt(None, "keep only interactions rated at least this (e.g. 4 for "
+                                   "positive feedback, 1 for KuaiRand clicks); null keeps all")
+    kcore: int = opt(5, "iterative k-core: drop users and items with fewer than k interactions until "
+                     "none is left; 0 turns it off")
+    skip_bad_lines: bool = opt(False, "skip malformed input lines and report how many, instead of "
+                               "stopping at the first")
+
+
+@dataclass
+class SplitConfig:
+    method: str = opt("temporal", "temporal: one global cut by time (FELLRec); per-user: each user's "
+                      "own chronological cut (FedPA); leave-one-out: last item test, second last valid",
+                      choices=("temporal", "per-user", "leave-one-out"))
+    ratios: list[float] = opt([0.8, 0.1, 0.1], "train/valid/test shares for temporal and per-user splits")
+    history_len: int = opt(10, "items of history in a sample: the last N before the target")
+
+
+@dataclass
+class PartitionConfig:
+    method: str = opt("kmeans", "kmeans: k-means on BPR-MF user embeddings (FELLRec); attribute: one "
+                      "client per value of a user attribute; user: one user per client; dirichlet: "
+                      "label skew over item categories; domain: one client per dataset",
+                      choices=("kmeans", "attribute", "user", "dirichlet", "domain"))
+    num_clients: int = opt(5, "number of clients M (kmeans, dirichlet)")
+    attribute: str | None = opt(None, "user attribute for method=attribute (e.g. occupation, gender, age)")
+    bins: list[float] | None = opt(None, "edges that band a numeric attribute (e.g. [18, 25, 35, 45, 56] "
+                                   "for age); null uses its raw values")
+    alpha: float = opt(0.5, "Dirichlet concentration for method=dirichlet: small = more skew")
+    category: str | None = opt(None, "item attribute whose first value is an item's category for "
+                               "method=dirichlet; null picks genres or categories")
+    min_users: int = opt(1, "dirichlet: every client gets at least this many users")
+    mf_dim: int = opt(64, "BPR-MF embedding size (kmeans)")
+    mf_epochs: int = opt(30, "BPR-MF training epochs (kmeans)")
+    mf_lr: float = opt(0.01, "BPR-MF Adam learning rate (kmeans)")
+    mf_reg: float = opt(1e-4, "BPR-MF L2 regularisation (kmeans)")
+    mf_batch_size: int = opt(1024, "BPR-MF mini-batch size (kmeans)")
+
+
+@dataclass
+class Config:
+    name: str = opt("default", "run name; outputs go to runs/<name>/")
+    seed: int = opt(2024, "one seed for splitting, partitioning, initialisation and sampling")
+    data: DataConfig = opt(DataConfig(), "what data to load and how to filter it")
+    split: SplitConfig = opt(SplitConfig(), "how interactions become train/valid/test samples")
+    partition: PartitionConfig = opt(PartitionConfig(), "how users are grouped into clients")
+
+    def validate(self) -> list[str]:
+        """Checks across keys that types alone cannot express; each problem names its key."""
+        problems = []
+        if len(self.split.ratios) != 3 or any(r < 0 for r in self.split.ratios) or sum(self.split.ratios) <= 0:
+            problems.append(f"split.ratios: expected three non-negative shares, got {self.split.ratios}")
+        if self.split.history_len < 1:
+            problems.append(f"split.history_len: must be at least 1, got {self.split.history_len}")
+        if self.data.kcore < 0:
+            problems.append(f"data.kcore: must be 0 (off) or more, got {self.data.kcore}")
+        if self.partition.num_clients < 1:
+            problems.append(f"partition.num_clients: must be at least 1, got {self.partition.num_clients}")
+        if self.partition.alpha <= 0:
+            problems.append(f"partition.alpha: must be positive, got {self.partition.alpha}")
+        if self.partition.method == "attribute" and not self.partition.attribute:
+            problems.append("partition.attribute: method=attribute needs the name of a user attribute")
+        if self.partition.method == "domain" and not self.data.domains:
+            problems.append("partition.method: domain needs several datasets in data.domains")
+        names = [d.name for d in self.data.domains]
+        if any(not n for n in names) or len(set(names)) != len(names):
+            problems.append(f"data.domains: every domain needs a distinct name, got {names}")
+        return problems
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (None: all defaults), apply ``key=value`` overrides, validate everything."""
+    data: dict = {}
+    lines: dict[str, int] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = yaml.safe_load(text) or {}
+            lines = _key_lines(yaml.compose(text))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    origins = {}
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_path(data, key, value)
+        origins[key] = f"--set {key}"
+    errors: list[str] = []
+    cfg = _build(Config, data, "", errors, lambda key: origins.get(key) or _where(source, lines, key))
+    if not errors:
+        errors = [f"{source}: {p}" for p in cfg.validate()]
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return cfg
+
+
+def _where(source: str, lines: dict[str, int], key: str) -> str:
+    while key and key not in lines:
+        key = key.rpartition(".")[0]
+    return f"{source}:{lines[key]}" if key in lines else source
+
+
+def _key_lines(node, prefix: str = "") -> dict[str, int]:
+    out = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = f"{prefix}{k.value}"
+            out[key] = k.start_mark.line + 1
+            out.update(_key_lines(v, key + "."))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            key = f"{prefix.rstrip('.')}[{i}]"
+            out[key] = v.start_mark.line + 1
+            out.update(_key_lines(v, key + "."))
+    return out
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item}: expected key=value, e.g. --set partition.num_clients=8")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_path(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _build(cls, data: Any, prefix: str, errors: list[str], where) -> Any:
+    """Make a ``cls`` from a dict, recording every unknown key and wrong type in ``errors``."""
+    if not isinstance(data, dict):
+        errors.append(f"{where(prefix.rstrip('.'))}: {prefix.rstrip('.') or 'config'}: expected a mapping, "
+                      f"got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            full = f"{prefix}{key}"
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (valid: {', '.join(fields)})"
+            errors.append(f"{where(full)}: {full}: unknown key{hint}")
+    values = {}
+    for name, f in fields.items():
+        if name in data:
+            values[name] = _check(data[name], hints[name], f, f"{prefix}{name}", errors, where)
+    return cls(**values)
+
+
+def _check(value: Any, tp: Any, f: dataclasses.Field | None, key: str, errors: list[str], where) -> Any:
+    """``value`` as type ``tp``, or the default after recording why it is not one."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        return _check(value, tp, f, key, errors, where)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", errors, where)
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{where(key)}: {key}: expected a list, got {value!r}")
+            return f.default_factory() if f is not None else []
+        return [_check(v, args[0], None, f"{key}[{i}]", errors, where) for i, v in enumerate(value)]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[tp]
+    if not ok:
+        errors.append(f"{where(key)}: {key}: expected {tp.__name__}, got {value!r}")
+        return None
+    choices = f.metadata.get("choices") if f is not None else None
+    if choices and value not in choices:
+        errors.append(f"{where(key)}: {key}: {value!r} is not one of {', '.join(choices)}")
+    return float(value) if tp is float else value
+
+
+# ---- output -----------------------------------------------------------------------------------
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config) -> str:
+    """The full resolved config as YAML (what ``runs/<name>/config.yaml`` holds)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def describe(cls=Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """Every key as ``(dotted name, default, doc)``, in declaration order."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            rows.extend(describe(type(default), f"{prefix}{f.name}."))
+        else:
+            doc = f.metadata.get("doc", "")
+            choices = f.metadata.get("choices")
+            rows.append((f"{prefix}{f.name}", default, doc + (f" [{' | '.join(choices)}]" if choices else "")))
+    return rows
