@@ -54,7 +54,8 @@ def format_summary(s: dict) -> str:
         f" / test {s['interactions_test']:,} interactions",
     ]
     if s["split_cuts"]:
-        lines.append(f"cut times      valid from {day(s['split_cuts'][0])}, test from {day(s['split_cuts'][1])}")
+        valid_from, test_from = (day(t) for t in s["split_cuts"])
+        lines.append(f"cut times      valid from {valid_from}, test from {test_from}")
     lines += [
         f"samples        train {s['samples_train']:,} / valid {s['samples_valid']:,} / test "
         f"{s['samples_test']:,} (history of up to {s['history_len']} items; one test sample per user)",
@@ -73,7 +74,8 @@ def format_table(table) -> str:
     numeric = [table[c].dtype.kind in "iuf" for c in cols]
 
     def fmt(row):
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(row, widths, numeric, strict=True))
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(row, widths, numeric, strict=True))
 
     out = [fmt(cells[0]), "  ".join("-" * w for w in widths)]
     out += [fmt(r) for r in cells[1:]]

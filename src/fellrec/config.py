@@ -103,7 +103,8 @@ class Config:
     def validate(self) -> list[str]:
         """Checks across keys that types alone cannot express; each problem names its key."""
         problems = []
-        if len(self.split.ratios) != 3 or any(r < 0 for r in self.split.ratios) or sum(self.split.ratios) <= 0:
+        ratios = self.split.ratios
+        if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
             problems.append(f"split.ratios: expected three non-negative shares, got {self.split.ratios}")
         if self.split.history_len < 1:
             problems.append(f"split.history_len: must be at least 1, got {self.split.history_len}")
@@ -275,5 +276,7 @@ def describe(cls=Config, prefix: str = "") -> list[tuple[str, Any, str]]:
         else:
             doc = f.metadata.get("doc", "")
             choices = f.metadata.get("choices")
-            rows.append((f"{prefix}{f.name}", default, doc + (f" [{' | '.join(choices)}]" if choices else "")))
+            if choices:
+                doc += f" [{' | '.join(choices)}]"
+            rows.append((f"{prefix}{f.name}", default, doc))
     return rows

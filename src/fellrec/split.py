@@ -100,7 +100,8 @@ def split(ds: Dataset, method: str = "temporal", ratios: tuple[float, ...] = (0.
         part = np.where(size < 3, 0, np.where(pos == size - 1, 2, np.where(pos == size - 2, 1, 0)))
         cuts = None
     else:
-        raise ConfigError(f"split.method: unknown split {method!r}; expected temporal, per-user, leave-one-out")
+        raise ConfigError(f"split.method: unknown split {method!r}; "
+                          "expected temporal, per-user, leave-one-out")
     return Split(method, inter.loc[part == 0], inter.loc[part == 1], inter.loc[part == 2], cuts)
 
 

@@ -28,6 +28,7 @@ import pandas as pd
 from fellrec.errors import DataError
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_EXTRA = "\x00extra"
 
 # column kind -> (pandas dtype for the fast path, converter for the slow path)
 _KINDS: dict[str, tuple[str, Callable[[str], Any]]] = {
@@ -93,7 +94,7 @@ def iter_lines(path: str | Path, encoding: str = "utf-8") -> Iterator[tuple[int,
     lineno = 0
     with open_binary(path) as fh:
         try:
-            for lineno, raw in enumerate(fh, start=1):  # noqa: B007 (lineno is read in except)
+            for lineno, raw in enumerate(fh, start=1):
                 try:
                     text = raw.decode(encoding)
                 except UnicodeDecodeError as err:
@@ -193,13 +194,15 @@ def _read_fast(path, columns, header, sep, names, encoding, quoting) -> pd.DataF
         if len(sep) > 1:  # the C parser takes one-character separators only
             source = io.BytesIO(fh.read().replace(sep.encode(encoding), b"\x1f"))
             sep = "\x1f"
+        # A sentinel column after the real ones catches rows with too many fields, which the C
+        # parser would otherwise drop silently when it reads only some columns.
         frame = pd.read_csv(
-            source, sep=sep, header=None if names else 0, names=names, usecols=list(columns),
-            dtype=dtypes, encoding=encoding, keep_default_na=False, na_values=[""],
-            skip_blank_lines=False, engine="c", quoting=quoting,
+            source, sep=sep, header=None if names else 0, names=[*header, _EXTRA],
+            usecols=[*columns, _EXTRA], dtype={**dtypes, _EXTRA: "object"}, encoding=encoding,
+            keep_default_na=False, na_values=[""], skip_blank_lines=False, engine="c", quoting=quoting,
         )
-    if names is None and list(frame.columns) != [c for c in header if c in columns]:
-        raise ValueError("header mismatch")
+    if frame[_EXTRA].notna().any():
+        raise ValueError("a row has more fields than the header")
     return frame[list(columns)].copy()
 
 

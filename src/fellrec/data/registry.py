@@ -19,14 +19,16 @@ FORMATS: dict[str, tuple[str, str]] = {
     "ml-100k-recbole": ("fellrec.data.movielens:load_recbole_ml100k",
                         "nothing: MovieLens-100K shipped in the installed recbole==1.2.1 package"),
     "ml-100k": ("fellrec.data.movielens:load_ml100k", "the ml-100k directory (u.data, u.item, u.user)"),
-    "ml-1m": ("fellrec.data.movielens:load_ml1m", "the ml-1m directory (ratings.dat, movies.dat, users.dat)"),
+    "ml-1m": ("fellrec.data.movielens:load_ml1m",
+              "the ml-1m directory (ratings.dat, movies.dat, users.dat)"),
     "ml-csv": ("fellrec.data.movielens:load_ml_csv",
                "an ml-latest / ml-latest-small / ml-25m directory (ratings.csv, movies.csv)"),
     "amazon2018": ("fellrec.data.amazon:load_amazon2018",
                    "the reviews file <Category>_5.json(.gz) or <Category>.json(.gz); "
                    "meta_<Category>.json(.gz) beside it or given as data.meta"),
     "amazon2023": ("fellrec.data.amazon:load_amazon2023",
-                   "the reviews file <Category>.jsonl(.gz); meta_<Category>.jsonl(.gz) beside it or data.meta"),
+                   "the reviews file <Category>.jsonl(.gz); meta_<Category>.jsonl(.gz) beside it "
+                   "or data.meta"),
     "goodreads": ("fellrec.data.goodreads:load_goodreads",
                   "goodreads_interactions_<genre>.json(.gz); goodreads_books_<genre>.json(.gz) beside it "
                   "or data.meta"),

@@ -1,0 +1,98 @@
+"""Config loading: defaults, overrides, and errors that name the key, the file and the line."""
+
+from pathlib import Path
+
+import pytest
+
+from fellrec.config import Config, describe, dump, load_config
+from fellrec.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.data.format == "ml-100k-recbole" and cfg.data.kcore == 5
+    assert cfg.split.ratios == [0.8, 0.1, 0.1] and cfg.partition.num_clients == 5
+
+
+def test_file_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: x\ndata:\n  kcore: 3\npartition:\n  method: attribute\n  attribute: occupation\n")
+    cfg = load_config(f, ["partition.num_clients=8", "data.min_rating=4", "split.ratios=[0.6, 0.2, 0.2]"])
+    assert cfg.name == "x" and cfg.data.kcore == 3
+    assert cfg.partition.method == "attribute" and cfg.partition.num_clients == 8
+    assert cfg.data.min_rating == 4.0 and isinstance(cfg.data.min_rating, float)
+    assert cfg.split.ratios == [0.6, 0.2, 0.2]
+
+
+def test_unknown_key_names_file_line_and_suggestion(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: x\ndata:\n  format: ml-1m\n  kcroe: 3\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:4: data\.kcroe: unknown key \(did you mean data\.kcore"):
+        load_config(f)
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: many\nsplit:\n  method: random\npartition:\n  num_clients: 2.5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    msg = str(err.value)
+    assert "c.yaml:1: seed: expected int, got 'many'" in msg
+    assert "c.yaml:3: split.method: 'random' is not one of temporal, per-user, leave-one-out" in msg
+    assert "c.yaml:5: partition.num_clients: expected int, got 2.5" in msg
+    assert "\n" not in msg
+
+
+def test_override_errors_name_the_flag():
+    with pytest.raises(ConfigError, match=r"--set data\.kcore: data\.kcore: expected int, got 'five'"):
+        load_config(None, ["data.kcore=five"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["data.kcore"])
+
+
+def test_cross_key_checks():
+    with pytest.raises(ConfigError, match=r"partition\.attribute: method=attribute needs"):
+        load_config(None, ["partition.method=attribute"])
+    with pytest.raises(ConfigError, match=r"split.ratios: expected three non-negative shares"):
+        load_config(None, ["split.ratios=[0.5, 0.5]"])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  kcore: [1,\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:\d+: not valid YAML"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")
+
+
+def test_domains_list_of_sections(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  domains:\n    - {name: comics, format: goodreads, path: a.json.gz}\n"
+                 "    - {name: crime, format: goodreads, path: b.json.gz, colour: red}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:4: data\.domains\[1\]\.colour: unknown key"):
+        load_config(f)
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(None, ["partition.num_clients=7", "data.min_rating=4"])
+    f = tmp_path / "resolved.yaml"
+    f.write_text(dump(cfg))
+    assert load_config(f) == cfg
+
+
+def test_every_key_is_documented():
+    rows = describe()
+    assert {k for k, _, _ in rows} >= {"seed", "data.format", "data.kcore", "split.method",
+                                       "partition.num_clients", "partition.mf_epochs"}
+    assert all(doc for _, _, doc in rows)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    text = path.read_text()
+    assert text.startswith("#"), "every shipped config opens with a comment saying what it runs"
+    load_config(path)
