@@ -72,7 +72,7 @@ class Dataset:
         if unknown.any():
             raise DataError(source or name, None,
                             f"{int(unknown.sum())} interaction(s) with an unknown item, e.g. "
-                            f"{inter.loc[unknown, 'item_id'].iloc[0]!r}")
+                            f"{inter.loc[unknown, 'item_id'].tolist()[0]!r}")
         if users is None:
             users = pd.DataFrame({"user_id": inter["user_id"].unique()})
         else:
@@ -82,7 +82,7 @@ class Dataset:
             if unknown.any():
                 raise DataError(source or name, None,
                                 f"{int(unknown.sum())} interaction(s) with an unknown user, e.g. "
-                                f"{inter.loc[unknown, 'user_id'].iloc[0]!r}")
+                                f"{inter.loc[unknown, 'user_id'].tolist()[0]!r}")
         if "title" not in items:
             items = items.assign(title="")
         return cls._densify(name, inter, items, users)
@@ -141,17 +141,23 @@ def _restrict(table: pd.DataFrame, inter: pd.DataFrame, keys: list[str]) -> pd.D
 
 
 def concat_domains(datasets: dict[str, Dataset]) -> Dataset:
-    """Several datasets as one, each row tagged with its ``domain`` (the key of ``datasets``)."""
+    """Several datasets as one, each row tagged with its ``domain`` (the key of ``datasets``).
+
+    Original ids become strings (domains may mix numeric and text ids); the same id in two domains
+    is two users (or items), told apart by ``domain``.
+    """
     inters, items, users = [], [], []
     for domain, ds in datasets.items():
+        user_ids = ds.users["user_id"].astype(str).to_numpy()
+        item_ids = ds.items["item_id"].astype(str).to_numpy()
         inter = ds.interactions.assign(
             domain=domain,
-            user_id=ds.users["user_id"].to_numpy()[ds.interactions["user"].to_numpy()],
-            item_id=ds.items["item_id"].to_numpy()[ds.interactions["item"].to_numpy()],
+            user_id=user_ids[ds.interactions["user"].to_numpy()],
+            item_id=item_ids[ds.interactions["item"].to_numpy()],
         ).drop(columns=["user", "item"])
         inters.append(inter)
-        items.append(ds.items.drop(columns="item").assign(domain=domain))
-        users.append(ds.users.drop(columns="user").assign(domain=domain))
+        items.append(ds.items.drop(columns="item").assign(domain=domain, item_id=item_ids))
+        users.append(ds.users.drop(columns="user").assign(domain=domain, user_id=user_ids))
     notes = [f"{d}: {n}" for d, ds in datasets.items() for n in ds.notes]
     name = "+".join(datasets)
     return Dataset._densify(name, pd.concat(inters, ignore_index=True), pd.concat(items, ignore_index=True),
