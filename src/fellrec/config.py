@@ -86,10 +86,10 @@ class PartitionConfig:
                                "method=dirichlet; null picks genres or categories")
     min_users: int = opt(1, "dirichlet: every client gets at least this many users")
     mf_dim: int = opt(64, "BPR-MF embedding size (kmeans)")
-    mf_epochs: int = opt(30, "BPR-MF training epochs (kmeans)")
+    mf_epochs: int = opt(25, "BPR-MF training epochs (kmeans)")
     mf_lr: float = opt(0.01, "BPR-MF Adam learning rate (kmeans)")
-    mf_reg: float = opt(1e-4, "BPR-MF L2 regularisation (kmeans)")
-    mf_batch_size: int = opt(1024, "BPR-MF mini-batch size (kmeans)")
+    mf_reg: float = opt(0.01, "BPR-MF L2 regularisation (kmeans)")
+    mf_batch_size: int = opt(2048, "BPR-MF mini-batch size (kmeans)")
 
 
 @dataclass
