@@ -5,6 +5,7 @@ import gzip
 import numpy as np
 import pytest
 
+from fellrec.data import io as io_module
 from fellrec.data.io import BadLines, iter_json, iter_lines, read_csv
 from fellrec.errors import DataError
 
@@ -40,6 +41,7 @@ def test_read_csv_gzip_is_detected_by_content_not_name(tmp_path):
     [
         ("1,a,10\n2,b\n3,c,12\n", 3, "expected 3 fields, got 2"),
         ("1,a,10\n2,b,11,9\n", 3, "expected 3 fields, got 4"),
+        ("1,a,10,9\n2,b,11\n", 2, "expected 3 fields, got 4"),
         ("1,a,10\n2,b,yesterday\n", 3, r"column 'ts': 'yesterday' is not a number"),
         ("1,a,10\nx,b,11\n", 3, r"column 'user': 'x' is not a number"),
         ("1,a,10\n2,,11\n", 3, r"column 'item': '' is empty"),
@@ -111,6 +113,21 @@ def test_iter_json_malformed_line_and_skip(tmp_path):
     got = [(line, obj["a"]) for line, obj in iter_json(f, bad)]
     assert got == [(1, 1), (5, 3)]
     assert bad.total == 2
+
+
+def test_good_files_take_the_fast_path(tmp_path, monkeypatch):
+    def no_slow_path(*args):
+        raise AssertionError("the line-by-line reader was used for a well-formed file")
+
+    monkeypatch.setattr(io_module, "_read_slow", no_slow_path)
+    f = write(tmp_path / "r.csv", "user,item,ts,extra\n1,a,10,x\n2,b,11,y\n", gz=True)
+    assert read_csv(f, COLS, bad=BadLines())["user"].tolist() == [1, 2]
+    f = write(tmp_path / "r.dat", "1::a::10\n2::b::11\n")
+    frame = read_csv(f, COLS, sep="::", names=["user", "item", "ts"], bad=BadLines())
+    assert frame["ts"].tolist() == [10, 11]
+    f = write(tmp_path / "o.csv", "user,item,ts\n1,,10\n")
+    frame = read_csv(f, {"user": "int", "item": "str?", "ts": "float"}, bad=BadLines())
+    assert frame["item"].tolist() == [""]
 
 
 def test_fast_and_slow_paths_agree(tmp_path):

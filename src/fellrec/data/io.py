@@ -16,6 +16,7 @@ import csv
 import gzip
 import io
 import json
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,7 +29,6 @@ import pandas as pd
 from fellrec.errors import DataError
 
 _GZIP_MAGIC = b"\x1f\x8b"
-_EXTRA = "\x00extra"
 
 # column kind -> (pandas dtype for the fast path, converter for the slow path)
 _KINDS: dict[str, tuple[str, Callable[[str], Any]]] = {
@@ -155,7 +155,8 @@ def read_csv(
     first_data_line = 1 if names else 2
     try:
         frame = _read_fast(path, columns, header, sep, names, encoding, quoting)
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError, zlib.error):
+    except (ValueError, pd.errors.ParserError, pd.errors.ParserWarning, UnicodeDecodeError, EOFError,
+            OSError, zlib.error):
         frame = None
     required = [c for c in columns if c not in optional]
     if frame is None or frame[required].isna().to_numpy().any():
@@ -194,15 +195,15 @@ def _read_fast(path, columns, header, sep, names, encoding, quoting) -> pd.DataF
         if len(sep) > 1:  # the C parser takes one-character separators only
             source = io.BytesIO(fh.read().replace(sep.encode(encoding), b"\x1f"))
             sep = "\x1f"
-        # A sentinel column after the real ones catches rows with too many fields, which the C
-        # parser would otherwise drop silently when it reads only some columns.
-        frame = pd.read_csv(
-            source, sep=sep, header=None if names else 0, names=[*header, _EXTRA],
-            usecols=[*columns, _EXTRA], dtype={**dtypes, _EXTRA: "object"}, encoding=encoding,
-            keep_default_na=False, na_values=[""], skip_blank_lines=False, engine="c", quoting=quoting,
-        )
-    if frame[_EXTRA].notna().any():
-        raise ValueError("a row has more fields than the header")
+        # All columns are read (with usecols the C parser drops extra fields silently); a row with
+        # too many fields is then a ParserError, or on the first row a ParserWarning made an error.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(
+                source, sep=sep, header=None if names else 0, names=names, index_col=False,
+                dtype=dtypes, encoding=encoding, keep_default_na=False, na_values=[""],
+                skip_blank_lines=False, engine="c", quoting=quoting,
+            )
     return frame[list(columns)].copy()
 
 
