@@ -150,3 +150,18 @@ def test_packaged_ml100k():
     ts = ds.interactions.timestamp.to_numpy()
     assert (ts[1:] >= ts[:-1]).all()
     assert ds.summary()["same_timestamp_share"] > 0.5
+
+
+def test_packaged_ml100k_ties_keep_file_order():
+    """Half of ML-100K's ratings share a timestamp with another of the same user; the order of
+    such ratings must be the file's, so compare with an independent sort by (time, line)."""
+    from fellrec.data.movielens import recbole_ml100k_dir
+
+    lines = (recbole_ml100k_dir() / "ml-100k.inter").read_text().splitlines()[1:]
+    rows = [tuple(line.split("\t")) for line in lines]
+    order = sorted(range(len(rows)), key=lambda i: (float(rows[i][3]), i))
+    expected = [(int(rows[i][0]), int(rows[i][1])) for i in order]
+    ds = load_dataset("ml-100k-recbole", None)
+    got = list(zip(ds.users.user_id.to_numpy()[ds.interactions.user].tolist(),
+                   ds.items.item_id.to_numpy()[ds.interactions.item].tolist(), strict=True))
+    assert got == expected
