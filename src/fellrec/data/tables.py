@@ -65,24 +65,20 @@ class Dataset:
         for col in ("user_id", "item_id", "timestamp"):
             if col not in inter:
                 raise DataError(source or name, None, f"interactions lack the {col!r} column")
-        items = items.drop(columns=[c for c in ("_line",) if c in items])
-        if items["item_id"].duplicated().any():
-            items = items.drop_duplicates("item_id", keep="first")
-        unknown = ~inter["item_id"].isin(items["item_id"])
-        if unknown.any():
-            raise DataError(source or name, None,
-                            f"{int(unknown.sum())} interaction(s) with an unknown item, e.g. "
-                            f"{inter.loc[unknown, 'item_id'].tolist()[0]!r}")
         if users is None:
             users = pd.DataFrame({"user_id": inter["user_id"].unique()})
-        else:
-            users = users.drop(columns=[c for c in ("_line",) if c in users])
-            users = users.drop_duplicates("user_id", keep="first")
-            unknown = ~inter["user_id"].isin(users["user_id"])
+        tables = {}
+        for what, table in (("item", items), ("user", users)):
+            key = f"{what}_id"
+            table = table.drop(columns=[c for c in ("_line",) if c in table])
+            table = table.drop_duplicates(key, keep="first")
+            unknown = ~inter[key].isin(table[key])
             if unknown.any():
                 raise DataError(source or name, None,
-                                f"{int(unknown.sum())} interaction(s) with an unknown user, e.g. "
-                                f"{inter.loc[unknown, 'user_id'].tolist()[0]!r}")
+                                f"{int(unknown.sum())} interaction(s) with an unknown {what}, e.g. "
+                                f"{inter.loc[unknown, key].tolist()[0]!r}")
+            tables[what] = table
+        items, users = tables["item"], tables["user"]
         if "title" not in items:
             items = items.assign(title="")
         return cls._densify(name, inter, items, users)
