@@ -1,0 +1,75 @@
+"""LoRA adapters (through peft) and the named tensors they travel as.
+
+A LoRA layer computes x ↦ W₀x + (α/r)·B·A·x with W₀ frozen, A ∈ R^{r×d_in} random (Kaiming
+uniform) and B ∈ R^{d_out×r} zero at the start, so a fresh adapter leaves the model unchanged
+(Hu et al., 2021). FELLRec's defaults: r = 8, α = 16, dropout 0.05 on q_proj and v_proj.
+
+An adapter leaves a client as ``dict[str, Tensor]``: only the trainable tensors, on the CPU, with
+stable names that carry neither the client nor peft's adapter name
+(``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``). ``get_adapter`` and
+``set_adapter`` are the only two functions that move adapter state in or out of a model, so one
+base model can serve every client by swapping tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor, nn
+
+from fellrec.errors import ConfigError
+
+_ADAPTER = "default"  # peft's name for the one adapter we attach
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+def add_lora(model: nn.Module, settings: LoraSettings, seed: int = 0) -> PeftModel:
+    """Wrap ``model`` with a LoRA adapter; only the adapter's tensors require gradients."""
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in settings.targets if t not in names]
+    if missing:
+        raise ConfigError(f"model.lora.targets: the model has no linear layer named {', '.join(missing)}; "
+                          f"it has {', '.join(sorted(names))}")
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.targets), bias="none")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config, adapter_name=_ADAPTER)
+    return peft_model
+
+
+def _strip(name: str) -> str:
+    return name.replace(f".{_ADAPTER}.", ".")
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable parameters by portable name (the live tensors, not copies)."""
+    return {_strip(n): p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def get_adapter(model: nn.Module) -> dict[str, Tensor]:
+    """A copy of the adapter's tensors, on the CPU."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in adapter_parameters(model).items()}
+
+
+def set_adapter(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Load ``tensors`` (as ``get_adapter`` returns them) into the model's adapter, in place."""
+    params = adapter_parameters(model)
+    if set(tensors) != set(params):
+        extra, lacking = sorted(set(tensors) - set(params)), sorted(set(params) - set(tensors))
+        raise ValueError(f"adapter tensors do not match the model: unexpected {extra[:3]}, missing {lacking[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            t = tensors[name]
+            if t.shape != p.shape:
+                raise ValueError(f"adapter tensor {name}: shape {tuple(t.shape)}, model has {tuple(p.shape)}")
+            p.copy_(t)

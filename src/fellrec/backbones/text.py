@@ -1,0 +1,66 @@
+"""Batching text through a causal LM: tokenising, the last hidden layer, pooling.
+
+The LM head (a 49,152 × 576 matrix on SmolLM2) is never applied here: encoders need only the last
+hidden layer (after the final norm), so they call the decoder stack directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The decoder stack (embeddings, blocks, final norm) of a causal LM, peft-wrapped or not."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.lm_head
+
+
+def tokenize(tok, texts: list[str], max_len: int) -> dict[str, Tensor]:
+    """Right-padded ids and mask; a text longer than ``max_len`` tokens keeps its END (the most
+    recent history and the part that matters for last-token pooling)."""
+    ids = [t[-max_len:] for t in tok(texts, add_special_tokens=False)["input_ids"]]
+    return pad(ids, tok.pad_token_id)
+
+
+def pad(ids: list[list[int]], pad_id: int, left: bool = False) -> dict[str, Tensor]:
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        span = slice(width - len(x), width) if left else slice(0, len(x))
+        input_ids[i, span] = torch.tensor(x, dtype=torch.long)
+        mask[i, span] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Last hidden layer [B, T, H] of right-padded ``batch``."""
+    return decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          use_cache=False).last_hidden_state
+
+
+def pool(states: Tensor, mask: Tensor, how: str) -> Tensor:
+    """[B, T, H] -> [B, H]: the last real token's state, or the mean over real tokens."""
+    if how == "last":
+        last = mask.sum(1) - 1  # right padding: the last real token
+        return states[torch.arange(states.shape[0]), last]
+    if how == "mean":
+        m = mask.unsqueeze(-1).to(states.dtype)
+        return (states * m).sum(1) / m.sum(1).clamp(min=1)
+    raise ValueError(f"pooling must be 'last' or 'mean', got {how!r}")
+
+
+def encode(model: nn.Module, tok, texts: list[str], *, max_len: int, pooling: str = "last",
+           batch_size: int = 64) -> Tensor:
+    """Pooled last-layer vectors [N, H] of ``texts``, in batches (with gradients if enabled)."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenize(tok, texts[start:start + batch_size], max_len)
+        out.append(pool(hidden(model, batch), batch["attention_mask"], pooling))
+    return torch.cat(out) if out else torch.zeros(0)
