@@ -84,7 +84,7 @@ def test_help_lists_every_command(capsys):
         assert group in text
     for group, name in COMMANDS:
         with pytest.raises(SystemExit):
-            build_parser().parse_args([group, name, "--help"])
+            build_parser().parse_args([group, *([name] if name else []), "--help"])
         shown = " ".join(capsys.readouterr().out.split())
         assert " ".join(COMMANDS[(group, name)].__doc__.split()) in shown
 

@@ -13,23 +13,16 @@ base model can serve every client by swapping tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 
+from fellrec.config import LoraConfig as LoraSettings
 from fellrec.errors import ConfigError
 
 _ADAPTER = "default"  # peft's name for the one adapter we attach
-
-
-@dataclass
-class LoraSettings:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
 def add_lora(model: nn.Module, settings: LoraSettings, seed: int = 0) -> PeftModel:
@@ -41,7 +34,8 @@ def add_lora(model: nn.Module, settings: LoraSettings, seed: int = 0) -> PeftMod
                           f"it has {', '.join(sorted(names))}")
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.targets), bias="none")
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renamed a gradient-checkpointing flag
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config, adapter_name=_ADAPTER)
     return peft_model

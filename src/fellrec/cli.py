@@ -86,6 +86,37 @@ def format_table(table) -> str:
     return "\n".join(out)
 
 
+def cmd_run(args) -> None:
+    """Run the experiment of CONFIG and write runs/<name>/ (config, metrics, results, adapters)."""
+    from fellrec.run import run
+
+    cfg = _config(args)
+    out = run(cfg, runs_dir=args.runs_dir, progress=not args.quiet)
+    results = json.loads((out / "results.json").read_text())
+    print(format_results(results))
+    print(f"\nwrote {out}/")
+
+
+def format_results(r: dict, metrics: tuple[str, ...] = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")) -> str:
+    """Per-client and overall metrics as a table, then the imbalance across clients."""
+    header = ["client", "n", *metrics]
+    rows = [[str(c), str(v["n"]), *(f"{v[m]:.4f}" for m in metrics)] for c, v in r["clients"].items()]
+    rows.append(["overall", str(sum(v["n"] for v in r["clients"].values())),
+                 *(f"{r['overall'][m]:.4f}" for m in metrics)])
+    widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths, strict=True)) for row in rows]
+    for m in metrics[:1]:
+        imb = r["imbalance"].get(m, {})
+        if imb:
+            ratio = imb["max_min_ratio"]
+            lines.append(f"{m} across clients: std {imb['std']:.4f}, min {imb['min']:.4f}, max/min "
+                         f"{'-' if ratio is None else f'{ratio:.2f}'}, gini {imb['gini'] or 0:.3f}")
+    lines.append(f"{r['backbone']} / {r['algorithm']} on {r['dataset']}: {r['samples']['train']:,} train "
+                 f"samples, {r['samples']['test']:,} test users, {r['time_s']:.0f} s")
+    return "\n".join(lines)
+
+
 def cmd_data_formats(args) -> None:
     """List the dataset formats and what data.path must point to for each."""
     from fellrec.data.registry import FORMATS
@@ -110,6 +141,7 @@ def cmd_config_keys(args) -> None:
 
 
 COMMANDS = {
+    ("run", None): cmd_run,
     ("data", "stats"): cmd_data_stats,
     ("data", "formats"): cmd_data_formats,
     ("config", "show"): cmd_config_show,
@@ -124,12 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
     subs = {}
     for (group, name), func in COMMANDS.items():
-        if group not in subs:
-            subs[group] = groups.add_parser(group, help=f"{group} commands").add_subparsers(
-                dest="command", required=True, metavar="SUBCOMMAND")
-        p = subs[group].add_parser(name, help=func.__doc__.splitlines()[0], description=func.__doc__)
+        doc = func.__doc__.splitlines()[0]
+        if name is None:
+            p = groups.add_parser(group, help=doc, description=func.__doc__)
+        else:
+            if group not in subs:
+                subs[group] = groups.add_parser(group, help=f"{group} commands").add_subparsers(
+                    dest="command", required=True, metavar="SUBCOMMAND")
+            p = subs[group].add_parser(name, help=doc, description=func.__doc__)
         p.set_defaults(func=func)
-        if func in (cmd_data_stats, cmd_config_show):
+        if func is cmd_run:
+            p.add_argument("--runs-dir", default="runs", help="where runs/<name>/ goes (default: runs)")
+            p.add_argument("--quiet", action="store_true", help="no progress bars")
+        if func in (cmd_data_stats, cmd_config_show, cmd_run):
             p.add_argument("config", nargs="?", help="YAML config (default: all defaults)")
             p.add_argument("--set", action="append", metavar="KEY=VALUE",
                            help="override one key, e.g. --set partition.num_clients=8 (repeatable)")

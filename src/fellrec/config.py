@@ -93,12 +93,80 @@ class PartitionConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = opt(8, "LoRA rank")
+    alpha: float = opt(16.0, "LoRA scaling α (the update is scaled by α/r)")
+    dropout: float = opt(0.05, "dropout on the LoRA branch's input")
+    targets: list[str] = opt(["q_proj", "v_proj"], "names of the linear layers that get an adapter")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = opt("ranker", "ranker: text-encoder ranker (fast on CPU); bigrec: generate a title, "
+                        "ground it by L2; sasrec: ID-based SASRec; most-popular: popularity",
+                        choices=("ranker", "bigrec", "sasrec", "most-popular"))
+    name_or_path: str = opt("smollm2-135m-instruct", "base LM: smollm2-135m-instruct (packaged), tiny-random "
+                            "(tests), or a local Hugging Face checkpoint directory")
+    lora: LoraConfig = opt(LoraConfig(), "the adapter the LLM backbones train")
+    max_len: int = opt(512, "token cut-off of a prompt (the oldest history is cut first)")
+    prompt_item: str | None = opt(None, "prompt word for one item (null: from the dataset, e.g. movie)")
+    prompt_items: str | None = opt(None, "prompt word for items (null: from the dataset, e.g. movies)")
+    prompt_verb: str | None = opt(None, "prompt verb (null: from the dataset, e.g. watched)")
+    train_on_inputs: bool = opt(False, "bigrec: loss on the whole prompt, not only the response (the "
+                                "released FELLRec script does this)")
+    num_beams: int = opt(4, "bigrec: beams in the title generation")
+    max_new_tokens: int = opt(32, "bigrec: longest generated title, in tokens")
+    pooling: str = opt("last", "ranker: text vector = last token's state or mean over tokens",
+                       choices=("last", "mean"))
+    item_side: str = opt("frozen", "ranker: items encoded by the frozen base LM once (frozen) or by the "
+                         "adapted LM, re-encoded after training (adapted)", choices=("frozen", "adapted"))
+    negatives: int = opt(0, "ranker: 0 = softmax over the whole catalogue; N = in-batch targets plus N "
+                         "sampled items")
+    temperature: float = opt(0.05, "ranker: softmax temperature τ of the cosine scores")
+    sasrec_dim: int = opt(64, "sasrec: embedding size")
+    sasrec_blocks: int = opt(2, "sasrec: self-attention blocks")
+    sasrec_dropout: float = opt(0.2, "sasrec: dropout")
+    sasrec_epochs: int = opt(30, "sasrec: training epochs (best validation epoch kept)")
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str = opt("centralized", "centralized: one adapter trained on all clients' samples (the "
+                         "upper bound)", choices=("centralized",))
+    steps: int = opt(100, "optimizer steps (0 evaluates the untrained adapter)")
+    batch_size: int = opt(8, "samples per step")
+    lr: float = opt(5e-4, "AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_steps: int = opt(0, "linear warm-up steps")
+    schedule: str = opt("linear", "learning rate after warm-up: linear decay to 0, or constant",
+                        choices=("linear", "constant"))
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0 = off)")
+    max_train_samples: int | None = opt(None, "train on a seeded random subset of this many samples "
+                                        "(BIGRec in FELLRec: 1024); null uses all")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = opt(16, "samples per ranking batch")
+    every: int = opt(0, "validate every this many steps and keep the best adapter (0: validate only at "
+                     "the end, keep the last)")
+    select_by: str = opt("auto", "validation criterion: loss, a metric such as recall@10, or auto (loss "
+                         "for bigrec, as FELLRec; recall@10 otherwise)")
+    max_valid_samples: int | None = opt(200, "validate on a seeded random subset of this many samples")
+    max_test_samples: int | None = opt(None, "test on a seeded random subset (null: every test user)")
+    ks: list[int] = opt([5, 10, 20], "cut-offs K of the ranking metrics")
+
+
+@dataclass
 class Config:
     name: str = opt("default", "run name; outputs go to runs/<name>/")
     seed: int = opt(2024, "one seed for splitting, partitioning, initialisation and sampling")
     data: DataConfig = opt(DataConfig(), "what data to load and how to filter it")
     split: SplitConfig = opt(SplitConfig(), "how interactions become train/valid/test samples")
     partition: PartitionConfig = opt(PartitionConfig(), "how users are grouped into clients")
+    model: ModelConfig = opt(ModelConfig(), "the recommender: base LM, adapter and backbone")
+    train: TrainConfig = opt(TrainConfig(), "how the recommender is trained")
+    eval: EvalConfig = opt(EvalConfig(), "validation and test")
 
     def validate(self) -> list[str]:
         """Checks across keys that types alone cannot express; each problem names its key."""

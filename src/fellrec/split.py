@@ -128,9 +128,21 @@ class Samples:
         return len(self.user)
 
     def select(self, mask: np.ndarray) -> Samples:
-        idx = np.flatnonzero(mask)
+        """The samples where ``mask`` is true."""
+        return self.take(np.flatnonzero(mask))
+
+    def take(self, idx: np.ndarray | list[int]) -> Samples:
+        """The samples at positions ``idx``, in that order."""
+        idx = np.asarray(idx, dtype=np.int64)
         return Samples(self.user[idx], [self.history[i] for i in idx], [self.targets[i] for i in idx],
                        None if self.exclude is None else [self.exclude[i] for i in idx])
+
+    def subsample(self, n: int | None, seed: int) -> Samples:
+        """A seeded random subset of ``n`` samples in their original order (all when n is None or larger)."""
+        if n is None or n >= len(self):
+            return self
+        rng = np.random.default_rng(seed)
+        return self.take(np.sort(rng.choice(len(self), size=n, replace=False)))
 
 
 @dataclass

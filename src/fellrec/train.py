@@ -1,0 +1,82 @@
+"""The one training loop: optimizer steps of a backbone's loss over shuffled samples.
+
+Every algorithm trains through ``train_steps``: the centralized run on all clients' samples, and
+(later) each client's local training in a federated round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fellrec.config import TrainConfig
+from fellrec.split import Samples
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, total_steps: int):
+    """AdamW with linear warm-up, then linear decay to 0 (or constant) over ``total_steps``."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup, total = cfg.warmup_steps, max(1, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class BatchSampler:
+    """Shuffled passes over ``n`` samples: every sample once per epoch, a new order each epoch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, min(batch_size, n)
+        self.rng = np.random.default_rng(seed)
+        self.order = np.zeros(0, dtype=np.int64)
+        self.epochs = 0
+
+    def next(self) -> np.ndarray:
+        if len(self.order) < self.batch_size:
+            self.order = np.concatenate([self.order, self.rng.permutation(self.n)])
+            self.epochs += 1
+        batch, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
+        return batch
+
+
+def train_steps(module: nn.Module, loss: Callable[[Samples], Tensor], samples: Samples, *, steps: int,
+                sampler: BatchSampler, optimizer, scheduler=None, grad_clip: float = 0.0,
+                on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Run ``steps`` optimizer steps; returns the loss of each step."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    losses = []
+    module.train()
+    for step in range(steps):
+        value = loss(samples.take(sampler.next()))
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(float(value.detach()))
+        if on_step is not None:
+            on_step(step, losses[-1])
+    module.eval()
+    return losses
+
+
+@torch.no_grad()
+def mean_loss(module: nn.Module, loss: Callable[[Samples], Tensor], samples: Samples, batch_size: int) -> float:
+    """The loss averaged over ``samples`` (in eval mode, batch by batch, weighted by batch size)."""
+    module.eval()
+    total = 0.0
+    for start in range(0, len(samples), batch_size):
+        batch = samples.take(np.arange(start, min(start + batch_size, len(samples))))
+        total += float(loss(batch)) * len(batch)
+    return total / max(1, len(samples))
