@@ -48,6 +48,7 @@ def run(cfg: Config, runs_dir: str | Path = "runs", progress: bool = True) -> Pa
     write_text(out / "config.yaml", dump(cfg))
     log = open(out / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (closed below)
     started = time.time()
+    torch.manual_seed(cfg.seed)  # LoRA dropout and anything else drawn from torch's global generator
     try:
         p = prepare(cfg, progress=progress)
         train, valid, test = pick_samples(p)
