@@ -166,6 +166,18 @@ def test_ranker_scores_every_item_and_caches_the_frozen_table(lm):
     assert scores.abs().max() <= 1 / 0.05 + 1e-4  # cosine / τ
 
 
+def test_frozen_item_vectors_are_cached_on_disk(lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("FELLREC_CACHE", str(tmp_path))
+    tok, model, _ = lm
+    first = TextRanker(model, tok, TITLES, PROMPT, cache_key="tiny-random:seed=0").item_table()
+    assert len(list((tmp_path / "embeddings").glob("*.safetensors"))) == 1
+    again = TextRanker(model, tok, TITLES, PROMPT, cache_key="tiny-random:seed=0")
+    again._encode = None  # would fail if called: the table must come from the file
+    assert torch.allclose(again.item_table(), first)
+    bigrec = BIGRec(model, tok, TITLES, PROMPT, cache_key="tiny-random:seed=0")
+    assert torch.allclose(torch.nn.functional.normalize(bigrec.item_embeddings(), dim=-1), first, atol=1e-6)
+
+
 def test_pooling():
     states = torch.arange(2 * 3 * 2, dtype=torch.float).reshape(2, 3, 2)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])

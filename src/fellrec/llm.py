@@ -70,6 +70,16 @@ def load_base(name_or_path: str, *, texts: Iterable[str] = (), seed: int = 0,
     return tok, model
 
 
+def model_id(name_or_path: str, seed: int = 0) -> str:
+    """A string that changes whenever the base model's weights may: names caches of its outputs."""
+    if name_or_path == TINY:
+        return f"{TINY}:seed={seed}"
+    path = smollm2_checkpoint() if name_or_path == SMOLLM2 else Path(name_or_path).expanduser().resolve()
+    stamps = [f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in sorted(path.glob("*.safetensors"))
+              or sorted(path.glob("*.bin"))]
+    return f"{path}|{'|'.join(stamps)}"
+
+
 def _from_dir(path: Path):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -33,7 +33,7 @@ from fellrec.backbones.ranker import TextRanker
 from fellrec.config import Config, dump
 from fellrec.errors import ConfigError
 from fellrec.evaluate import evaluate
-from fellrec.llm import load_base
+from fellrec.llm import load_base, model_id
 from fellrec.metrics import summarize
 from fellrec.pipeline import Prepared, prepare
 from fellrec.split import Samples
@@ -101,11 +101,12 @@ def build_backbone(cfg: Config, p: Prepared) -> BIGRec | TextRanker:
     prompt = Prompt.for_dataset(p.dataset.name, m.prompt_item, m.prompt_items, m.prompt_verb)
     tok, base = load_base(m.name_or_path, texts=[*titles, prompt.instruction(titles[:10])], seed=cfg.seed)
     model = add_lora(base, m.lora, seed=cfg.seed)
+    key = model_id(m.name_or_path, cfg.seed)
     if m.backbone == "bigrec":
         return BIGRec(model, tok, titles, prompt, max_len=m.max_len, train_on_inputs=m.train_on_inputs,
-                      num_beams=m.num_beams, max_new_tokens=m.max_new_tokens)
+                      num_beams=m.num_beams, max_new_tokens=m.max_new_tokens, cache_key=key)
     return TextRanker(model, tok, titles, prompt, max_len=m.max_len, pooling=m.pooling, item_side=m.item_side,
-                      negatives=m.negatives, temperature=m.temperature, seed=cfg.seed)
+                      negatives=m.negatives, temperature=m.temperature, seed=cfg.seed, cache_key=key)
 
 
 def train_llm(cfg: Config, p: Prepared, train: Samples, valid: Samples, log, progress: bool):

@@ -31,7 +31,7 @@ from fellrec.split import Samples
 class BIGRec:
     def __init__(self, model: nn.Module, tok, titles: Sequence[str], prompt: Prompt, *, max_len: int = 512,
                  train_on_inputs: bool = False, num_beams: int = 4, max_new_tokens: int = 32,
-                 embed_batch_size: int = 64):
+                 embed_batch_size: int = 64, cache_key: str | None = None):
         self.model = model  # peft-wrapped causal LM
         self.tok = tok
         self.titles = list(titles)
@@ -41,6 +41,7 @@ class BIGRec:
         self.num_beams = num_beams
         self.max_new_tokens = max_new_tokens
         self.embed_batch_size = embed_batch_size
+        self.cache_key = cache_key  # names the base model: item embeddings are then kept on disk
         self._item_emb: Tensor | None = None
 
     # ---- training ------------------------------------------------------------------------------
@@ -91,7 +92,11 @@ class BIGRec:
 
     def item_embeddings(self) -> Tensor:
         if self._item_emb is None:
-            self._item_emb = self.embed(self.titles)
+            if self.cache_key is None:
+                self._item_emb = self.embed(self.titles)
+            else:
+                key = "\n".join([self.cache_key, "last", str(self.max_len), *self.titles])
+                self._item_emb = text.cached(key, lambda: self.embed(self.titles))
         return self._item_emb
 
     @torch.no_grad()

@@ -34,7 +34,8 @@ from fellrec.split import Samples
 class TextRanker:
     def __init__(self, model: nn.Module, tok, titles: Sequence[str], prompt: Prompt, *, max_len: int = 512,
                  pooling: str = "last", item_side: str = "frozen", negatives: int = 0,
-                 temperature: float = 0.05, embed_batch_size: int = 64, seed: int = 0):
+                 temperature: float = 0.05, embed_batch_size: int = 64, seed: int = 0,
+                 cache_key: str | None = None):
         if item_side not in ("frozen", "adapted"):
             raise ValueError(f"item_side must be 'frozen' or 'adapted', got {item_side!r}")
         self.model = model  # peft-wrapped causal LM
@@ -48,6 +49,7 @@ class TextRanker:
         self.temperature = temperature
         self.embed_batch_size = embed_batch_size
         self.rng = np.random.default_rng(seed)
+        self.cache_key = cache_key  # names the base model: a frozen item table is then kept on disk
         self._items: Tensor | None = None
 
     def user_vectors(self, batch: Samples) -> Tensor:
@@ -64,7 +66,12 @@ class TextRanker:
         """All items' vectors as the ranking uses them (cached; see ``refresh``)."""
         if self._items is None:
             with torch.no_grad():
-                self._items = self.item_vectors()
+                if self.item_side == "frozen" and self.cache_key is not None:
+                    key = "\n".join([self.cache_key, self.pooling, str(self.max_len), *self.titles])
+                    raw = text.cached(key, lambda: self._encode(self.titles, adapter=False))
+                    self._items = F.normalize(raw, dim=-1)
+                else:
+                    self._items = self.item_vectors()
         return self._items
 
     def refresh(self) -> None:

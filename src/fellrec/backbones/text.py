@@ -6,6 +6,9 @@ hidden layer (after the final norm), so they call the decoder stack directly.
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 import torch
 from torch import Tensor, nn
 
@@ -58,9 +61,40 @@ def pool(states: Tensor, mask: Tensor, how: str) -> Tensor:
 
 def encode(model: nn.Module, tok, texts: list[str], *, max_len: int, pooling: str = "last",
            batch_size: int = 64) -> Tensor:
-    """Pooled last-layer vectors [N, H] of ``texts``, in batches (with gradients if enabled)."""
+    """Pooled last-layer vectors [N, H] of ``texts`` (with gradients if enabled).
+
+    Texts are batched in order of length, so a batch pads little (titles run from 3 to 40 tokens);
+    the result is in the order of ``texts``.
+    """
+    if not texts:
+        return torch.zeros(0)
+    ids = [t[-max_len:] for t in tok(texts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenize(tok, texts[start:start + batch_size], max_len)
+    for start in range(0, len(order), batch_size):
+        batch = pad([ids[i] for i in order[start:start + batch_size]], tok.pad_token_id)
         out.append(pool(hidden(model, batch), batch["attention_mask"], pooling))
-    return torch.cat(out) if out else torch.zeros(0)
+    vectors = torch.cat(out)
+    return vectors[torch.argsort(torch.as_tensor(order))]
+
+
+def cached(key: str, compute) -> Tensor:
+    """``compute()``, stored under the cache directory by ``key`` and read back on later calls.
+
+    Used for item-title embeddings of a frozen base model, which every run of the same model on the
+    same catalogue would otherwise recompute (about a minute for 1,349 titles on SmolLM2, 2 cores).
+    """
+    from safetensors.torch import load_file, save_file
+
+    from fellrec.llm import cache_dir
+
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:24]
+    path = cache_dir() / "embeddings" / f"{digest}.safetensors"
+    if path.is_file():
+        return load_file(path)["vectors"]
+    vectors = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"vectors": vectors.detach().contiguous()}, tmp)
+    os.replace(tmp, path)
+    return vectors
