@@ -25,6 +25,7 @@ def test_file_and_overrides(tmp_path):
     assert cfg.partition.method == "attribute" and cfg.partition.num_clients == 8
     assert cfg.data.min_rating == 4.0 and isinstance(cfg.data.min_rating, float)
     assert cfg.split.ratios == [0.6, 0.2, 0.2]
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 1e-3  # YAML 1.1 reads 1e-3 as text
 
 
 def test_unknown_key_names_file_line_and_suggestion(tmp_path):

@@ -11,6 +11,7 @@ key is documented once, where it is declared.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -307,6 +308,9 @@ def _check(value: Any, tp: Any, f: dataclasses.Field | None, key: str, errors: l
             errors.append(f"{where(key)}: {key}: expected a list, got {value!r}")
             return f.default_factory() if f is not None else []
         return [_check(v, args[0], None, f"{key}[{i}]", errors, where) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text
+        with contextlib.suppress(ValueError):
+            value = float(value)
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
