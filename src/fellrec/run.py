@@ -55,8 +55,7 @@ def run(cfg: Config, runs_dir: str | Path = "runs", progress: bool = True) -> Pa
         if cfg.model.backbone == "most-popular":
             from fellrec.baselines.popular import MostPopular
 
-            rec, summary = MostPopular(p.dataset.num_items, p.split.train), {"steps": 0}
-            rank = rec.rank
+            rank, summary = MostPopular(p.dataset.num_items).fit(p.split.train).rank, {"steps": 0}
         elif cfg.model.backbone == "sasrec":
             rank, summary = train_sasrec(cfg, p, train, valid, log, progress)
         else:
@@ -125,6 +124,7 @@ def train_llm(cfg: Config, p: Prepared, train: Samples, valid: Samples, log, pro
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         log.write(json.dumps({"event": "train", "step": done + step + 1, "loss": loss}) + "\n")
+        log.flush()
 
     while True:
         n = min(chunk, t.steps - done)
@@ -170,9 +170,10 @@ def train_sasrec(cfg: Config, p: Prepared, train: Samples, valid: Samples, log, 
     scfg = SASRecConfig(dim=m.sasrec_dim, blocks=m.sasrec_blocks, dropout=m.sasrec_dropout,
                         max_len=cfg.split.history_len, epochs=m.sasrec_epochs, seed=cfg.seed)
     model, history = fit_sasrec(p.dataset.num_items, train, valid, scfg, progress=progress)
-    for h in history:
-        log.write(json.dumps({"event": "valid", **h}, default=_plain) + "\n")
-    return model.rank, {"epochs": len(history), "valid": history}
+    for epoch, (loss, value) in enumerate(zip(history.losses, history.valid, strict=False), start=1):
+        log.write(json.dumps({"event": "valid", "epoch": epoch, "loss": loss, scfg.metric: value}) + "\n")
+    return model.rank, {"epochs": len(history.losses), "best_epoch": history.best_epoch,
+                        "select_by": scfg.metric, "valid": history.valid}
 
 
 def write_text(path: Path, text: str) -> None:
