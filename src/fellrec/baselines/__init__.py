@@ -1,0 +1,1 @@
+"""Non-LLM reference recommenders (MostPopular, SASRec) and the shared full-ranking evaluation loop."""
