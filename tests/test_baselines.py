@@ -5,9 +5,10 @@ import pandas as pd
 import pytest
 import torch
 
-from fellrec.baselines.common import evaluate_ranker, pad_histories, slice_samples
+from fellrec.baselines.common import pad_histories
 from fellrec.baselines.popular import MostPopular
 from fellrec.baselines.sasrec import SASRec, SASRecConfig, fit_sasrec
+from fellrec.evaluate import evaluate
 from fellrec.metrics import rank_metrics
 from fellrec.split import Samples
 
@@ -54,12 +55,12 @@ def test_most_popular_scores_are_train_counts():
     for row in scores:
         assert row.tolist() == [1, 2, 0, 3, 3, 0]
     # Ranking 3, 4 (tie with 3: smaller id first), 1, 0, 2 (tie with 5), 5.
-    res = evaluate_ranker(model.rank, batch, ks=(1, 2, 5))
+    res = evaluate(model.rank, batch, ks=(1, 2, 5))
     np.testing.assert_array_equal(res["recall@1"], [1, 0, 0])
     np.testing.assert_array_equal(res["recall@2"], [1, 1, 0])
     np.testing.assert_array_equal(res["recall@5"], [1, 1, 1])
     # Masking item 3 lifts item 4 to the top.
-    masked = evaluate_ranker(model.rank, samples([[0]], [[4]], [[3]]), ks=(1,))
+    masked = evaluate(model.rank, samples([[0]], [[4]], [[3]]), ks=(1,))
     assert masked["recall@1"].tolist() == [1.0]
 
 
@@ -77,7 +78,7 @@ def test_pad_histories_left_pads_and_keeps_the_latest_items():
     assert out.tolist() == [[9, 1, 2], [9, 9, 9], [3, 4, 5]]
 
 
-def test_evaluate_ranker_never_counts_an_excluded_item():
+def test_evaluate_never_counts_an_excluded_item():
     fixed = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])  # item 0 scores best, item 4 worst
 
     def rank_fn(batch: Samples) -> torch.Tensor:
@@ -86,7 +87,7 @@ def test_evaluate_ranker_never_counts_an_excluded_item():
     # 0: the best item is the target but excluded -> never a hit; 1: item 0 excluded, item 1 moves
     # to rank 0; 2: nothing excluded.
     batch = samples([[0], [0], [0]], [[0], [1], [1]], [[0], [0], []])
-    res = evaluate_ranker(rank_fn, batch, batch_size=2, ks=(1, 5))
+    res = evaluate(rank_fn, batch, batch_size=2, ks=(1, 5))
     np.testing.assert_array_equal(res["recall@1"], [0, 1, 0])
     np.testing.assert_array_equal(res["recall@5"], [0, 1, 1])
     np.testing.assert_array_equal(res["hit@5"], [0, 1, 1])
@@ -95,11 +96,11 @@ def test_evaluate_ranker_never_counts_an_excluded_item():
         np.testing.assert_array_equal(res[key], value)
 
 
-def test_slice_samples_matches_select():
+def test_take_matches_select():
     _, valid = cycle_data(n_users=5)
     mask = np.zeros(len(valid), dtype=bool)
     mask[1:4] = True
-    a, b = slice_samples(valid, 1, 4), valid.select(mask)
+    a, b = valid.take(np.arange(1, 4)), valid.select(mask)
     assert a.user.tolist() == b.user.tolist()
     assert all(np.array_equal(x, y) for x, y in zip(a.history, b.history, strict=True))
     assert all(np.array_equal(x, y) for x, y in zip(a.exclude, b.exclude, strict=True))
@@ -118,7 +119,7 @@ def test_sasrec_rank_shape_eval_mode_and_empty_history():
     assert model.training  # rank restores the mode it found
     torch.testing.assert_close(model.rank(batch), scores)  # no dropout in rank
     # Padding does not reach real positions: a history ranks the same alone or in a padded batch.
-    torch.testing.assert_close(model.rank(slice_samples(batch, 0, 1)), scores[:1])
+    torch.testing.assert_close(model.rank(batch.take(np.arange(0, 1))), scores[:1])
 
 
 def test_sasrec_learns_a_cycle_and_beats_most_popular():
@@ -126,10 +127,10 @@ def test_sasrec_learns_a_cycle_and_beats_most_popular():
     model, hist = fit_sasrec(100, train, valid, small_cfg())
     assert len(hist.losses) == 8 and len(hist.valid) == 8
     assert hist.losses[-1] < 0.5 * hist.losses[0]  # starts near log(100) ≈ 4.6
-    recall = np.nanmean(evaluate_ranker(model.rank, valid)["recall@10"])
+    recall = np.nanmean(evaluate(model.rank, valid)["recall@10"])
     train_items = np.concatenate(train.targets)
     popular = MostPopular(100).fit(pd.DataFrame({"user": 0, "item": train_items}))
-    pop_recall = np.nanmean(evaluate_ranker(popular.rank, valid)["recall@10"])
+    pop_recall = np.nanmean(evaluate(popular.rank, valid)["recall@10"])
     assert pop_recall < 0.25  # about 10 / 100 by chance
     assert recall > 0.75  # the rule explains ~90% of the targets
     assert recall == pytest.approx(max(hist.valid))  # the best epoch's weights are kept
@@ -157,7 +158,7 @@ def test_sasrec_early_stopping_and_loss_method():
     model, hist = fit_sasrec(100, train, valid, small_cfg(epochs=30, lr=1e-5, patience=1))
     assert len(hist.losses) < 30  # a tiny learning rate stalls quickly
     assert len(hist.valid) == len(hist.losses)
-    loss = model.loss(slice_samples(train, 0, 64))
+    loss = model.loss(train.take(np.arange(0, 64)))
     assert loss.ndim == 0 and loss.requires_grad and 3.0 < loss.item() < 8.0  # log(100) ≈ 4.6
 
 
@@ -175,7 +176,7 @@ def test_sasrec_beats_most_popular_on_ml100k():
     p = prepare(load_config(None, ["split.method=leave-one-out", "partition.method=user"]))
     s, n = p.samples, p.dataset.num_items
     popular = MostPopular(n).fit(p.split.train)
-    pop = np.nanmean(evaluate_ranker(popular.rank, s.valid)["recall@10"])
+    pop = np.nanmean(evaluate(popular.rank, s.valid)["recall@10"])
     model, _ = fit_sasrec(n, s.train, s.valid, SASRecConfig(epochs=3, num_threads=1))
-    sas = np.nanmean(evaluate_ranker(model.rank, s.valid)["recall@10"])
+    sas = np.nanmean(evaluate(model.rank, s.valid)["recall@10"])
     assert sas > pop + 0.03, (sas, pop)

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from fellrec.baselines.common import evaluate_ranker, pad_histories
+from fellrec.baselines.common import pad_histories
+from fellrec.evaluate import evaluate
 from fellrec.metrics import METRIC_NAMES
 from fellrec.split import Samples
 
@@ -238,7 +239,7 @@ def fit_sasrec(
                     history.best_epoch = epoch
                     epochs.set_postfix(loss=f"{history.losses[-1]:.4f}")
                     continue
-                per_query = evaluate_ranker(model.rank, valid, cfg.eval_batch_size, ks=(int(k),))
+                per_query = evaluate(model.rank, valid, batch_size=cfg.eval_batch_size, ks=(int(k),))
                 value = float(np.nanmean(per_query[cfg.metric]))
                 history.valid.append(value)
                 epochs.set_postfix(loss=f"{history.losses[-1]:.4f}", **{cfg.metric: f"{value:.4f}"})
