@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from fellrec.data.tables import Dataset
 
@@ -28,6 +29,24 @@ def random_dataset(n_users=40, n_items=60, n_inter=900, seed=0, ties=True) -> Da
 @pytest.fixture
 def small_dataset() -> Dataset:
     return random_dataset()
+
+
+def train_few(model, loss, batch, steps, lr=1e-2):
+    """``steps`` AdamW steps on one fixed batch at a constant learning rate; the losses."""
+    from fellrec.config import TrainConfig
+    from fellrec.train import BatchSampler, make_optimizer, train_steps
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(params, TrainConfig(lr=lr, schedule="constant"), steps)
+    torch.manual_seed(0)  # LoRA dropout
+    return train_steps(model, loss, batch, steps=steps, sampler=BatchSampler(len(batch), len(batch), 0),
+                       optimizer=optimizer, scheduler=scheduler)
+
+
+@pytest.fixture
+def train_a_little():
+    """The ``train_few`` helper, for tests that train a model for a few steps."""
+    return train_few
 
 
 @pytest.fixture

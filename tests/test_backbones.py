@@ -15,7 +15,6 @@ from fellrec.config import LoraConfig
 from fellrec.evaluate import evaluate
 from fellrec.llm import tiny_random
 from fellrec.split import Samples
-from fellrec.train import BatchSampler, make_optimizer, train_steps
 
 TITLES = ["Alpha (1990)", "Beta (1991)", "Gamma Rays (1992)", "Delta Force (1993)", "Epsilon (1994)",
           "Zeta, The (1995)", "Eta Carinae (1996)", "Theta Waves (1997)"]
@@ -87,7 +86,7 @@ def test_grounding_finds_the_written_title_and_masking_hides_history(lm):
     assert masked["hit@1"].tolist() == [0.0] and masked["hit@5"].tolist() == [0.0]
 
 
-def test_bigrec_embeds_with_the_base_model_even_after_training(lm):
+def test_bigrec_embeds_with_the_base_model_even_after_training(lm, train_a_little):
     tok, model, plain = lm
     bb = BIGRec(model, tok, TITLES, PROMPT)
     train_a_little(model, bb.loss, samples([[0, 1], [2, 3]], [[4], [5]]), steps=3)
@@ -103,17 +102,8 @@ def test_generate_returns_text(lm):
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
 
 
-def train_a_little(model, loss, batch, steps, lr=1e-2):
-    params = [p for p in model.parameters() if p.requires_grad]
-    cfg = type("T", (), {"lr": lr, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant"})()
-    optimizer, scheduler = make_optimizer(params, cfg, steps)
-    torch.manual_seed(0)  # LoRA dropout
-    return train_steps(model, loss, batch, steps=steps, sampler=BatchSampler(len(batch), len(batch), 0),
-                       optimizer=optimizer, scheduler=scheduler)
-
-
 @pytest.mark.parametrize("backbone", ["bigrec", "ranker-frozen", "ranker-adapted"])
-def test_training_lowers_loss_and_moves_only_the_adapter(lm, backbone):
+def test_training_lowers_loss_and_moves_only_the_adapter(lm, backbone, train_a_little):
     tok, model, _ = lm
     if backbone == "bigrec":
         bb = BIGRec(model, tok, TITLES, PROMPT)

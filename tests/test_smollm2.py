@@ -11,7 +11,6 @@ from fellrec.backbones.ranker import TextRanker
 from fellrec.config import LoraConfig, load_config
 from fellrec.llm import SMOLLM2, load_base, model_id
 from fellrec.pipeline import prepare
-from fellrec.train import BatchSampler, make_optimizer, train_steps
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +29,6 @@ def fixed_batch(p, n=4):
     return p.samples.train.take(np.arange(n) * 1000)
 
 
-def few_steps(model, loss, batch, steps=4, lr=1e-3):
-    params = [q for q in model.parameters() if q.requires_grad]
-    cfg = type("T", (), {"lr": lr, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant"})()
-    optimizer, _ = make_optimizer(params, cfg, steps)
-    torch.manual_seed(0)
-    return train_steps(model, loss, batch, steps=steps, sampler=BatchSampler(len(batch), len(batch), 0),
-                       optimizer=optimizer)
-
-
 def reset(model):
     with torch.no_grad():
         for n, q in model.named_parameters():
@@ -46,24 +36,24 @@ def reset(model):
                 q.zero_()
 
 
-def test_ranker_lora_steps_lower_the_loss_and_it_scores_all_items(setting):
+def test_ranker_lora_steps_lower_the_loss_and_it_scores_all_items(setting, train_a_little):
     p, titles, tok, model = setting
     reset(model)
     ranker = TextRanker(model, tok, titles, Prompt.for_dataset(p.dataset.name), cache_key=model_id(SMOLLM2))
     batch = fixed_batch(p)
-    losses = few_steps(model, ranker.loss, batch, steps=4, lr=2e-3)
+    losses = train_a_little(model, ranker.loss, batch, steps=4, lr=2e-3)
     assert losses[-1] < losses[0]
     scores = ranker.rank(p.samples.test.take([0, 1]))
     assert scores.shape == (2, p.dataset.num_items) and torch.isfinite(scores).all()
 
 
-def test_bigrec_lora_steps_lower_the_loss_and_generation_grounds(setting):
+def test_bigrec_lora_steps_lower_the_loss_and_generation_grounds(setting, train_a_little):
     p, titles, tok, model = setting
     reset(model)
     bigrec = BIGRec(model, tok, titles, Prompt.for_dataset(p.dataset.name), num_beams=2, max_new_tokens=16,
                     cache_key=model_id(SMOLLM2))
     batch = fixed_batch(p, 2)
-    losses = few_steps(model, bigrec.loss, batch, steps=4, lr=1e-3)
+    losses = train_a_little(model, bigrec.loss, batch, steps=4, lr=1e-3)
     assert losses[-1] < losses[0]
     test = p.samples.test.take([0, 1])
     texts = bigrec.generate(test)
