@@ -118,7 +118,7 @@ def train_llm(cfg: Config, p: Prepared, train: Samples, valid: Samples, log, pro
     sampler = BatchSampler(len(train), t.batch_size, cfg.seed)
     chunk = e.every if e.every > 0 else max(1, t.steps)
     bar = tqdm(total=t.steps, desc="train", unit="step", disable=not progress, leave=False)
-    done, best, best_state, history = 0, None, None, []
+    done, best, best_step, best_state, history = 0, None, 0, None, []
 
     def on_step(step: int, loss: float) -> None:
         bar.update(1)
@@ -140,14 +140,13 @@ def train_llm(cfg: Config, p: Prepared, train: Samples, valid: Samples, log, pro
         log.flush()
         better = best is None or (score < best if select_by == "loss" else score > best)
         if better:
-            best, best_state = score, get_adapter(model)
+            best, best_step, best_state = score, done, get_adapter(model)
         if done >= t.steps:
             break
     bar.close()
     set_adapter(model, best_state)
     if hasattr(backbone, "refresh"):
         backbone.refresh()
-    best_step = next(h["step"] for h in history if h[select_by] == best)
     return backbone, {"steps": done, "select_by": select_by, "best_step": best_step, "best_valid": best,
                       "valid": history}
 
