@@ -129,13 +129,7 @@ def _read_reviews(path: Path, keys: tuple[str, str, str, str], units_per_second:
         ratings.append(rating)
         times.append(time)
         lines.append(lineno)
-    return pd.DataFrame({
-        "user_id": pd.Series(users, dtype=object),
-        "item_id": pd.Series(items, dtype=object),
-        "timestamp": np.asarray(times, dtype=np.float64) / units_per_second,
-        "rating": np.asarray(ratings, dtype=np.float64),
-        "_line": np.asarray(lines, dtype=np.int64),
-    })
+    return io.interaction_frame(users, items, times, ratings, lines, seconds_per_unit=1.0 / units_per_second)
 
 
 def _require_all(obj: dict, keys: tuple[str, ...], path: Path, lineno: int, bad: BadLines) -> None:

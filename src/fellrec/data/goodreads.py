@@ -35,7 +35,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from fellrec.data import io
@@ -154,13 +153,7 @@ def _read_interactions(path: Path, bad: BadLines) -> pd.DataFrame:
         ratings.append(rating)
         times.append(seconds)
         lines.append(lineno)
-    return pd.DataFrame({
-        "user_id": pd.Series(users, dtype=object),
-        "item_id": pd.Series(books, dtype=object),
-        "timestamp": np.asarray(times, dtype=np.float64),
-        "rating": np.asarray(ratings, dtype=np.float64),
-        "_line": np.asarray(lines, dtype=np.int64),
-    })
+    return io.interaction_frame(users, books, times, ratings, lines)
 
 
 def _read_books(path: Path, wanted: set[str], bad: BadLines) -> pd.DataFrame:

@@ -266,6 +266,18 @@ def as_number(value: Any, key: str, path: str | Path, line: int, bad: BadLines) 
     return number
 
 
+def interaction_frame(users: list, items: list, timestamps: list[float], ratings: list[float],
+                      lines: list[int], seconds_per_unit: float = 1.0) -> pd.DataFrame:
+    """The raw interactions table a loader hands to ``Dataset.from_raw``, from per-line lists."""
+    return pd.DataFrame({
+        "user_id": pd.Series(users, dtype=object),
+        "item_id": pd.Series(items, dtype=object),
+        "timestamp": np.asarray(timestamps, dtype=np.float64) * seconds_per_unit,
+        "rating": np.asarray(ratings, dtype=np.float64),
+        "_line": np.asarray(lines, dtype=np.int64),
+    })
+
+
 def drop_unknown(frame: pd.DataFrame, column: str, known: pd.Series | pd.Index, path: str | Path,
                  bad: BadLines, what: str = "item") -> pd.DataFrame:
     """Rows whose ``column`` is not in ``known`` are bad lines ("unknown item ..."); returns the rest.
