@@ -12,7 +12,7 @@ import sys
 from datetime import UTC, datetime
 
 from fellrec import __version__
-from fellrec.errors import FellrecError
+from fellrec.errors import ConfigError, FellrecError
 
 
 def _config(args):
@@ -87,22 +87,57 @@ def format_table(table) -> str:
 
 
 def cmd_run(args) -> None:
-    """Run the experiment of CONFIG and write runs/<name>/ (config, metrics, results, adapters)."""
-    from fellrec.run import run
+    """Run the experiment of CONFIG into runs/<name>/ (config, metrics per round, results, adapters,
+    report); --resume continues a run that was cut short."""
+    from fellrec.report import format_compare
+    from fellrec.run import run_all, run_from_dir
 
-    cfg = _config(args)
-    out = run(cfg, runs_dir=args.runs_dir, progress=not args.quiet)
-    results = json.loads((out / "results.json").read_text())
-    print(format_results(results))
-    print(f"\nwrote {out}/")
+    if isinstance(args.resume, str):  # --resume RUN_DIR
+        if args.config or args.set:
+            raise ConfigError("--resume RUN_DIR continues with the run's own config.yaml; give no CONFIG or --set")
+        outs = [run_from_dir(args.resume, progress=not args.quiet)]
+    else:
+        outs = run_all(_config(args), runs_dir=args.runs_dir, progress=not args.quiet, resume=bool(args.resume))
+    for out in outs:
+        print(f"\n{out}/")
+        print(format_results(json.loads((out / "results.json").read_text())))
+    if len(outs) > 1:
+        print()
+        print(format_compare(outs))
+
+
+def cmd_report(args) -> None:
+    """Rebuild report.md and plots/*.png of a finished run."""
+    from fellrec.report import write_report
+
+    path = write_report(args.run_dir)
+    print(f"wrote {path} and {path.parent / 'plots'}/")
+
+
+def cmd_compare(args) -> None:
+    """Put several finished runs side by side: one table, per-client recall, one plot (--out DIR)."""
+    from fellrec.report import compare, format_compare
+
+    print(format_compare(args.run_dirs, metric=args.metric))
+    if args.out:
+        _, png = compare(args.run_dirs, out_dir=args.out, metric=args.metric)
+        print(f"\nwrote {args.out}/compare.md and {png}")
 
 
 def format_results(r: dict, metrics: tuple[str, ...] = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")) -> str:
-    """Per-client and overall metrics as a table, then the imbalance across clients."""
-    header = ["client", "n", *metrics]
-    rows = [[str(c), str(v["n"]), *(f"{v[m]:.4f}" for m in metrics)] for c, v in r["clients"].items()]
-    rows.append(["overall", str(sum(v["n"] for v in r["clients"].values())),
-                 *(f"{r['overall'][m]:.4f}" for m in metrics)])
+    """Per-client and overall test metrics as a table, then the imbalance across clients and the costs."""
+    from fellrec.report import human_bytes
+
+    names, best = r.get("client_names", {}), r.get("best_round", {})
+
+    def num(v):
+        return "-" if v is None else f"{v:.4f}"
+
+    header = ["client", "name", "n", *metrics, "best round"]
+    rows = [[str(c), names.get(str(c), ""), str(v["n"]), *(num(v[m]) for m in metrics), str(best.get(str(c), "-"))]
+            for c, v in r["clients"].items()]
+    rows.append(["overall", "", str(sum(v["n"] for v in r["clients"].values())),
+                 *(num(r["overall"][m]) for m in metrics), ""])
     widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths, strict=True)) for row in rows]
@@ -112,8 +147,12 @@ def format_results(r: dict, metrics: tuple[str, ...] = ("recall@10", "recall@20"
             ratio = imb["max_min_ratio"]
             lines.append(f"{m} across clients: std {imb['std']:.4f}, min {imb['min']:.4f}, max/min "
                          f"{'-' if ratio is None else f'{ratio:.2f}'}, gini {imb['gini'] or 0:.3f}")
+    comm = r.get("communication", {})
+    sent = (f", {human_bytes(comm['bytes_up'])} up / {human_bytes(comm['bytes_down'])} down"
+            if comm.get("bytes_up") or comm.get("bytes_down") else "")
+    rounds = f", {r['rounds']} rounds" if "rounds" in r else ""
     lines.append(f"{r['backbone']} / {r['algorithm']} on {r['dataset']}: {r['samples']['train']:,} train "
-                 f"samples, {r['samples']['test']:,} test users, {r['time_s']:.0f} s")
+                 f"samples, {r['samples']['test']:,} test users{rounds}{sent}, {r['time_s']:.0f} s")
     return "\n".join(lines)
 
 
@@ -142,6 +181,8 @@ def cmd_config_keys(args) -> None:
 
 COMMANDS = {
     ("run", None): cmd_run,
+    ("report", None): cmd_report,
+    ("compare", None): cmd_compare,
     ("data", "stats"): cmd_data_stats,
     ("data", "formats"): cmd_data_formats,
     ("config", "show"): cmd_config_show,
@@ -168,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
         if func is cmd_run:
             p.add_argument("--runs-dir", default="runs", help="where runs/<name>/ goes (default: runs)")
             p.add_argument("--quiet", action="store_true", help="no progress bars")
+            p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                           help="continue RUN_DIR (with its own config) after a crash; with CONFIG instead: "
+                           "continue or finish its runs, starting those that have not begun")
+        if func is cmd_report:
+            p.add_argument("run_dir", help="a finished run's directory, e.g. runs/demo-fedavg")
+        if func is cmd_compare:
+            p.add_argument("run_dirs", nargs="+", help="finished runs' directories")
+            p.add_argument("--metric", default="recall@10", help="the per-client metric compared (default recall@10)")
+            p.add_argument("--out", help="also write compare.md and compare.png into this directory")
         if func in (cmd_data_stats, cmd_config_show, cmd_run):
             p.add_argument("config", nargs="?", help="YAML config (default: all defaults)")
             p.add_argument("--set", action="append", metavar="KEY=VALUE",

@@ -130,30 +130,41 @@ class ModelConfig:
     sasrec_epochs: int = opt(30, "sasrec: training epochs (best validation epoch kept)")
 
 
+ALGORITHMS = ("centralized", "local", "fedavg", "fedprox")
+
+
 @dataclass
 class TrainConfig:
-    algorithm: str = opt("centralized", "centralized: one adapter trained on all clients' samples (the "
-                         "upper bound)", choices=("centralized",))
-    steps: int = opt(100, "optimizer steps (0 evaluates the untrained adapter)")
+    algorithm: str = opt("fedavg", "centralized: one adapter on the union of all clients' samples (the "
+                         "upper bound); local: each client alone; fedavg: sample-weighted mean of the "
+                         "clients' adapters; fedprox: fedavg plus a proximal term", choices=ALGORITHMS)
+    rounds: int = opt(4, "communication rounds (0 evaluates the untrained adapter)")
+    local_steps: int = opt(25, "optimizer steps of each client per round (centralized: this times the "
+                           "clients per round, the same budget)")
+    local_epochs: float = opt(0.0, "passes over the client's training samples per round; > 0 replaces "
+                              "local_steps (FELLRec: 5)")
+    client_fraction: float = opt(1.0, "share of the clients drawn (seeded) to train in each round")
+    prox_mu: float = opt(0.01, "fedprox: weight μ of the proximal term (μ/2)·||w − w_global||²")
     batch_size: int = opt(8, "samples per step")
     lr: float = opt(5e-4, "AdamW learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
-    warmup_steps: int = opt(0, "linear warm-up steps")
-    schedule: str = opt("linear", "learning rate after warm-up: linear decay to 0, or constant",
-                        choices=("linear", "constant"))
+    warmup_steps: int = opt(0, "linear warm-up steps, in the first round only (as FELLRec)")
+    schedule: str = opt("linear", "learning rate after warm-up within a round: linear decay to 0 (restarted "
+                        "every round, as FELLRec), or constant", choices=("linear", "constant"))
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0 = off)")
-    max_train_samples: int | None = opt(None, "train on a seeded random subset of this many samples "
-                                        "(BIGRec in FELLRec: 1024); null uses all")
+    max_train_samples: int | None = opt(None, "train each client on a seeded random subset of this many of "
+                                        "its samples (BIGRec in FELLRec: 1024); null uses all")
 
 
 @dataclass
 class EvalConfig:
     batch_size: int = opt(16, "samples per ranking batch")
-    every: int = opt(0, "validate every this many steps and keep the best adapter (0: validate only at "
-                     "the end, keep the last)")
+    every: int = opt(1, "validate every this many rounds and after the last; each client keeps its best "
+                     "round's adapter for the test (0: validate only after the last round)")
     select_by: str = opt("auto", "validation criterion: loss, a metric such as recall@10, or auto (loss "
                          "for bigrec, as FELLRec; recall@10 otherwise)")
-    max_valid_samples: int | None = opt(200, "validate on a seeded random subset of this many samples")
+    max_valid_samples: int | None = opt(200, "validate each client on a seeded random subset of this many "
+                                        "of its samples (null: all)")
     max_test_samples: int | None = opt(None, "test on a seeded random subset (null: every test user)")
     ks: list[int] = opt([5, 10, 20], "cut-offs K of the ranking metrics")
 
@@ -162,6 +173,8 @@ class EvalConfig:
 class Config:
     name: str = opt("default", "run name; outputs go to runs/<name>/")
     seed: int = opt(2024, "one seed for splitting, partitioning, initialisation and sampling")
+    algorithms: list[str] = opt([], "run each of these algorithms in turn with everything else equal, into "
+                                "runs/<name>-<algorithm>/, then compare them (empty: train.algorithm only)")
     data: DataConfig = opt(DataConfig(), "what data to load and how to filter it")
     split: SplitConfig = opt(SplitConfig(), "how interactions become train/valid/test samples")
     partition: PartitionConfig = opt(PartitionConfig(), "how users are grouped into clients")
@@ -187,6 +200,23 @@ class Config:
             problems.append("partition.attribute: method=attribute needs the name of a user attribute")
         if self.partition.method == "domain" and not self.data.domains:
             problems.append("partition.method: domain needs several datasets in data.domains")
+        for i, a in enumerate(self.algorithms):
+            if a not in ALGORITHMS:
+                problems.append(f"algorithms[{i}]: {a!r} is not one of {', '.join(ALGORITHMS)}")
+        t = self.train
+        if t.rounds < 0 or t.local_steps < 0 or t.local_epochs < 0:
+            problems.append("train.rounds, train.local_steps, train.local_epochs: must not be negative")
+        if not 0 < t.client_fraction <= 1:
+            problems.append(f"train.client_fraction: must be in (0, 1], got {t.client_fraction}")
+        if t.batch_size < 1:
+            problems.append(f"train.batch_size: must be at least 1, got {t.batch_size}")
+        if self.eval.every < 0:
+            problems.append(f"eval.every: must be 0 (only after the last round) or more, got {self.eval.every}")
+        reference = self.model.backbone in ("sasrec", "most-popular")
+        for a in self.algorithms or [t.algorithm]:
+            if reference and a != "centralized":
+                problems.append(f"train.algorithm: {a} needs an LLM backbone; {self.model.backbone} is a "
+                                "centralized reference point (use train.algorithm=centralized)")
         names = [d.name for d in self.data.domains]
         if any(not n for n in names) or len(set(names)) != len(names):
             problems.append(f"data.domains: every domain needs a distinct name, got {names}")

@@ -1,20 +1,26 @@
 """``fellrec run``: one experiment, top to bottom, into ``runs/<name>/``.
 
-data -> recommender -> training -> validation (best adapter kept) -> test per client -> files:
+data -> clients' samples -> backbone (one base model + LoRA) -> strategy + client trainers ->
+embedded runtime (rounds, per-client validation, checkpoints) -> test of each client with its
+selected adapter -> files:
 
 - ``config.yaml``: the full resolved config;
-- ``metrics.jsonl``: one JSON line per logged event (training losses, validation results);
+- ``metrics.jsonl``: one JSON line per round (losses, validation metrics per client, bytes);
 - ``results.json``: ``overall``, ``clients``, ``imbalance`` (see ``fellrec.metrics.summarize``),
-  plus ``time_s``, sizes and the training summary;
-- ``adapters/global.safetensors``: the trained adapter (LLM backbones), named tensors only.
+  ``communication``, ``time_s``, the per-client selected rounds and the sample counts;
+- ``adapters/``: each client's selected adapter, and the global one where the algorithm has one;
+- ``report.md`` and ``plots/*.png`` (see ``fellrec.report``).
 
-``algorithm: centralized`` trains one model on the union of every client's training samples: the
-upper bound the federated algorithms are compared with. A finished run (its ``results.json``
-exists) is never overwritten.
+A finished run (its ``results.json`` exists) is never overwritten. A run that was cut short keeps
+its ``checkpoint.safetensors``; ``run(..., resume=True)`` continues it.
+
+Most-popular and SASRec are centralized reference points without adapters; they take the short
+path at the end of this file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -26,71 +32,137 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from fellrec.adapters import add_lora, get_adapter, set_adapter
+from fellrec.adapters import add_lora, get_adapter
 from fellrec.backbones.bigrec import BIGRec
 from fellrec.backbones.prompts import Prompt
 from fellrec.backbones.ranker import TextRanker
-from fellrec.config import Config, dump
+from fellrec.client import AdapterTrainer, derive_seed
+from fellrec.config import Config, dump, load_config, to_dict
 from fellrec.errors import ConfigError
 from fellrec.evaluate import evaluate
 from fellrec.llm import load_base, model_id
-from fellrec.metrics import summarize
+from fellrec.metrics import metric_keys, summarize
 from fellrec.pipeline import Prepared, prepare
+from fellrec.runtime.checkpoint import NAME as CHECKPOINT
+from fellrec.runtime.embedded import EmbeddedRuntime, plain
 from fellrec.split import Samples
-from fellrec.train import BatchSampler, make_optimizer, mean_loss, train_steps
+from fellrec.strategies import POOLED, make_strategy
 
 
-def run(cfg: Config, runs_dir: str | Path = "runs", progress: bool = True) -> Path:
+def run_all(cfg: Config, runs_dir: str | Path = "runs", progress: bool = True, resume: bool = False) -> list[Path]:
+    """``run`` once, or once per entry of ``algorithms`` (into ``runs/<name>-<algorithm>/``)."""
+    if not cfg.algorithms:
+        return [run(cfg, runs_dir, progress, resume)]
+    outs = []
+    for a in cfg.algorithms:
+        one = dataclasses.replace(cfg, name=f"{cfg.name}-{a}", algorithms=[],
+                                  train=dataclasses.replace(cfg.train, algorithm=a))
+        outs.append(run(one, runs_dir, progress, resume))
+    return outs
+
+
+def run(cfg: Config, runs_dir: str | Path = "runs", progress: bool = True, resume: bool = False) -> Path:
     out = Path(runs_dir) / cfg.name
     if (out / "results.json").exists():
-        raise ConfigError(f"name: {out} already holds a finished run; choose another name (--set name=...)")
+        if resume:
+            return out
+        raise ConfigError(f"name: {out} already holds a finished run; see it with `fellrec report {out}`, or "
+                          "choose another name (--set name=...)")
+    if (out / CHECKPOINT).exists():
+        if not resume:
+            raise ConfigError(f"name: {out} holds an unfinished run; continue it with `fellrec run --resume {out}`, "
+                              "or choose another name (--set name=...)")
+        check_same_config(out / "config.yaml", cfg)
     (out / "adapters").mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", dump(cfg))
-    log = open(out / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (closed below)
     started = time.time()
-    torch.manual_seed(cfg.seed)  # LoRA dropout and anything else drawn from torch's global generator
-    try:
-        p = prepare(cfg, progress=progress)
-        train, valid, test = pick_samples(p)
-        if cfg.model.backbone == "most-popular":
-            from fellrec.baselines.popular import MostPopular
-
-            rank, summary = MostPopular(p.dataset.num_items).fit(p.split.train).rank, {"steps": 0}
-        elif cfg.model.backbone == "sasrec":
-            rank, summary = train_sasrec(cfg, p, train, valid, log, progress)
-        else:
-            backbone, summary = train_llm(cfg, p, train, valid, log, progress)
-            save_tensors(out / "adapters" / "global.safetensors", get_adapter(backbone.model))
-            rank = backbone.rank
-        bar = tqdm(total=len(test), desc="test", unit="user", disable=not progress, leave=False)
-        per_user = evaluate(rank, test, batch_size=cfg.eval.batch_size, ks=cfg.eval.ks, progress=bar)
-        bar.close()
-    finally:
-        log.close()
+    torch.manual_seed(cfg.seed)
+    p = prepare(cfg, progress=progress)
+    test = pick_test(p)
+    if cfg.model.backbone in ("most-popular", "sasrec"):
+        per_user, extra = reference_run(cfg, p, test, out, progress)
+    else:
+        per_user, extra = federated_run(cfg, p, test, out, progress)
     results = {
         "name": cfg.name,
         "algorithm": cfg.train.algorithm,
         "backbone": cfg.model.backbone,
         "dataset": p.dataset.name,
         **summarize(per_user, p.client_of(test.user)),
-        "time_s": round(time.time() - started, 1),
-        "samples": {"train": len(train), "valid": len(valid), "test": len(test)},
-        "train": summary,
+        "client_names": {str(c): n for c, n in enumerate(p.partition.names)},
+        **extra,
     }
-    write_text(out / "results.json", json.dumps(results, indent=2, default=_plain))
+    results.setdefault("time_s", round(time.time() - started, 1))
+    write_text(out / "results.json", json.dumps(plain(results), indent=2))
+    if (out / CHECKPOINT).exists():
+        os.unlink(out / CHECKPOINT)  # everything it held is in the finished files now
+    try:
+        from fellrec.report import write_report
+    except ImportError:  # the report module arrives with the plotting dependencies
+        return out
+    write_report(out)
     return out
 
 
-def pick_samples(p: Prepared) -> tuple[Samples, Samples, Samples]:
-    """The clients' samples (users outside every client take no part), capped as configured."""
-    cfg = p.config
-    s = p.samples
-    train = s.train.select(p.client_of(s.train.user) >= 0).subsample(cfg.train.max_train_samples, cfg.seed)
-    valid = s.valid.select(p.client_of(s.valid.user) >= 0).subsample(cfg.eval.max_valid_samples, cfg.seed + 1)
-    test = s.test.select(p.client_of(s.test.user) >= 0).subsample(cfg.eval.max_test_samples, cfg.seed + 2)
-    if len(train) == 0:
+def check_same_config(path: Path, cfg: Config) -> None:
+    """A resumed run must go on with the config it started with."""
+    saved = to_dict(load_config(path))
+    now = to_dict(cfg)
+
+    def first_difference(a, b, prefix=""):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in a:
+                d = first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+                if d:
+                    return d
+            return None
+        return prefix.rstrip(".") if a != b else None
+
+    key = first_difference(saved, now)
+    if key:
+        raise ConfigError(f"{path}: {key}: the run was started with {key} = {_lookup(saved, key)!r}, not "
+                          f"{_lookup(now, key)!r}; resume it with its own config (`fellrec run --resume "
+                          f"{path.parent}`)")
+
+
+def _lookup(d: dict, key: str):
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+# ---- data per client ------------------------------------------------------------------------
+
+
+def client_samples(p: Prepared) -> dict[str, tuple[Samples, Samples]]:
+    """Each client's (train, valid) samples, capped per client by a seeded draw as configured."""
+    cfg, s = p.config, p.samples
+    out = {}
+    train_client, valid_client = p.client_of(s.train.user), p.client_of(s.valid.user)
+    for c in range(p.num_clients):
+        cid = str(c)
+        train = s.train.select(train_client == c).subsample(cfg.train.max_train_samples,
+                                                            derive_seed(cfg.seed, 0, f"train/{cid}"))
+        valid = s.valid.select(valid_client == c).subsample(cfg.eval.max_valid_samples,
+                                                            derive_seed(cfg.seed, 0, f"valid/{cid}"))
+        out[cid] = (train, valid)
+    if sum(len(t) for t, _ in out.values()) == 0:
         raise ConfigError("data: no training samples left after filtering and splitting")
-    return train, valid, test
+    return out
+
+
+def pick_test(p: Prepared) -> Samples:
+    s = p.samples.test
+    return s.select(p.client_of(s.user) >= 0).subsample(p.config.eval.max_test_samples, p.config.seed + 2)
+
+
+def concat(parts: list[Samples]) -> Samples:
+    return Samples(np.concatenate([x.user for x in parts]), [h for x in parts for h in x.history],
+                   [t for x in parts for t in x.targets],
+                   None if any(x.exclude is None for x in parts) else [e for x in parts for e in x.exclude])
+
+
+# ---- LLM backbones, federated ---------------------------------------------------------------
 
 
 def build_backbone(cfg: Config, p: Prepared) -> BIGRec | TextRanker:
@@ -108,71 +180,109 @@ def build_backbone(cfg: Config, p: Prepared) -> BIGRec | TextRanker:
                       negatives=m.negatives, temperature=m.temperature, seed=cfg.seed, cache_key=key)
 
 
-def train_llm(cfg: Config, p: Prepared, train: Samples, valid: Samples, log, progress: bool):
-    """Train the adapter for ``train.steps`` steps, validating every ``eval.every`` steps."""
-    backbone = build_backbone(cfg, p)
-    model, t, e = backbone.model, cfg.train, cfg.eval
+def selection_metric(cfg: Config) -> str:
+    e = cfg.eval
     select_by = e.select_by if e.select_by != "auto" else ("loss" if cfg.model.backbone == "bigrec" else "recall@10")
-    params = [q for q in model.parameters() if q.requires_grad]
-    optimizer, scheduler = make_optimizer(params, t, t.steps)
-    sampler = BatchSampler(len(train), t.batch_size, cfg.seed)
-    chunk = e.every if e.every > 0 else max(1, t.steps)
-    bar = tqdm(total=t.steps, desc="train", unit="step", disable=not progress, leave=False)
-    done, best, best_step, best_state, history = 0, None, 0, None, []
+    known = ["loss", *metric_keys(e.ks)]
+    if select_by not in known:
+        raise ConfigError(f"eval.select_by: {select_by!r} is not one of auto, {', '.join(known)}")
+    return select_by
 
-    def on_step(step: int, loss: float) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        log.write(json.dumps({"event": "train", "step": done + step + 1, "loss": loss}) + "\n")
-        log.flush()
 
-    while True:
-        n = min(chunk, t.steps - done)
-        if n > 0:
-            train_steps(model, backbone.loss, train, steps=n, sampler=sampler, optimizer=optimizer,
-                        scheduler=scheduler, grad_clip=t.grad_clip, on_step=on_step)
-            done += n
-        if hasattr(backbone, "refresh"):
-            backbone.refresh()
-        score = validate(backbone, valid, select_by, e)
-        history.append({"step": done, select_by: score})
-        log.write(json.dumps({"event": "valid", "step": done, select_by: score}) + "\n")
-        log.flush()
-        better = best is None or (score < best if select_by == "loss" else score > best)
-        if better:
-            best, best_step, best_state = score, done, get_adapter(model)
-        if done >= t.steps:
-            break
+def federated_run(cfg: Config, p: Prepared, test: Samples, out: Path, progress: bool):
+    """Train with the configured algorithm in the embedded runtime; test each client's selected adapter."""
+    t, e = cfg.train, cfg.eval
+    select_by = selection_metric(cfg)
+    data = client_samples(p)
+    backbone = build_backbone(cfg, p)
+    initial = get_adapter(backbone.model)
+    common = {"settings": t, "initial": initial, "seed": cfg.seed, "select_by": select_by, "ks": tuple(e.ks),
+              "eval_batch_size": e.batch_size}
+    clients = {c: AdapterTrainer(c, backbone, train, valid, **common) for c, (train, valid) in data.items()}
+    if t.algorithm == "centralized":
+        pooled = concat([train for train, _ in data.values()])
+        per_round = max(1, int(np.ceil(t.client_fraction * len(clients))))
+        steps = (int(np.ceil(t.local_epochs * len(pooled) / t.batch_size)) if t.local_epochs > 0
+                 else t.local_steps * per_round)
+        trainers = {POOLED: AdapterTrainer(POOLED, backbone, pooled, pooled.take([]), steps_per_round=steps,
+                                           **common)}
+    else:
+        trainers = clients
+    strategy = make_strategy(t.algorithm, initial, list(trainers), prox_mu=t.prox_mu)
+    runtime = EmbeddedRuntime(strategy, trainers, clients, rounds=t.rounds,
+                              client_fraction=1.0 if t.algorithm == "centralized" else t.client_fraction,
+                              eval_every=e.every, seed=cfg.seed, run_dir=out, progress=progress)
+    runtime.run()
+
+    per_user = {}
+    test_client = p.client_of(test.user)
+    bar = tqdm(total=len(test), desc="test", unit="user", disable=not progress, leave=False)
+    for cid, trainer in clients.items():
+        mine = np.flatnonzero(test_client == int(cid))
+        if len(mine) == 0:
+            continue
+        scores = trainer.test(test.take(mine))
+        for k, v in scores.items():
+            per_user.setdefault(k, np.full(len(test), np.nan))[mine] = v
+        bar.update(len(mine))
+        save_tensors(out / "adapters" / f"client-{cid}.safetensors", trainer.best)
     bar.close()
-    set_adapter(model, best_state)
-    if hasattr(backbone, "refresh"):
-        backbone.refresh()
-    return backbone, {"steps": done, "select_by": select_by, "best_step": best_step, "best_valid": best,
-                      "valid": history}
+    if strategy.global_tensors() is not None:
+        save_tensors(out / "adapters" / "global.safetensors", strategy.global_tensors())
+    extra = {
+        "communication": {
+            "bytes_up": int(sum(runtime.bytes_up.values())),
+            "bytes_down": int(sum(runtime.bytes_down.values())),
+            "per_client": {c: {"bytes_up": runtime.bytes_up[c], "bytes_down": runtime.bytes_down[c]}
+                           for c in trainers},
+        },
+        "time_s": round(runtime.elapsed, 1),
+        "rounds": t.rounds,
+        "steps_per_round": {c: tr.steps_per_round for c, tr in trainers.items()},
+        "select_by": select_by,
+        "best_round": {c: tr.best_round for c, tr in clients.items()},
+        "samples": {"train": sum(len(tr.train) for tr in trainers.values()),
+                    "valid": sum(len(v) for _, v in data.values()), "test": len(test)},
+    }
+    return per_user, extra
 
 
-def validate(backbone, valid: Samples, select_by: str, e) -> float:
-    if len(valid) == 0:
-        return float("nan")
-    if select_by == "loss":
-        return mean_loss(backbone.model, backbone.loss, valid, e.batch_size)
-    scores = evaluate(backbone.rank, valid, batch_size=e.batch_size, ks=e.ks)
-    if select_by not in scores:
-        raise ConfigError(f"eval.select_by: {select_by!r} is neither 'loss' nor one of {', '.join(scores)}")
-    return float(np.nanmean(scores[select_by]))
+# ---- reference points without adapters (centralized only) --------------------------------------
 
 
-def train_sasrec(cfg: Config, p: Prepared, train: Samples, valid: Samples, log, progress: bool):
+def reference_run(cfg: Config, p: Prepared, test: Samples, out: Path, progress: bool):
+    """Most-popular and SASRec, trained centrally on all clients' training samples."""
+    data = client_samples(p)
+    train, valid = concat([d[0] for d in data.values()]), concat([d[1] for d in data.values()])
+    if cfg.model.backbone == "most-popular":
+        from fellrec.baselines.popular import MostPopular
+
+        rank, summary = MostPopular(p.dataset.num_items).fit(p.split.train).rank, {}
+        (out / "metrics.jsonl").write_text("", encoding="utf-8")
+    else:
+        rank, summary = train_sasrec(cfg, p, train, valid, out, progress)
+    bar = tqdm(total=len(test), desc="test", unit="user", disable=not progress, leave=False)
+    per_user = evaluate(rank, test, batch_size=cfg.eval.batch_size, ks=cfg.eval.ks, progress=bar)
+    bar.close()
+    return per_user, {"train": summary, "samples": {"train": len(train), "valid": len(valid), "test": len(test)},
+                      "communication": {"bytes_up": 0, "bytes_down": 0, "per_client": {}}}
+
+
+def train_sasrec(cfg: Config, p: Prepared, train: Samples, valid: Samples, out: Path, progress: bool):
     from fellrec.baselines.sasrec import SASRecConfig, fit_sasrec
 
     m = cfg.model
     scfg = SASRecConfig(dim=m.sasrec_dim, blocks=m.sasrec_blocks, dropout=m.sasrec_dropout,
                         max_len=cfg.split.history_len, epochs=m.sasrec_epochs, seed=cfg.seed)
     model, history = fit_sasrec(p.dataset.num_items, train, valid, scfg, progress=progress)
-    for epoch, (loss, value) in enumerate(zip(history.losses, history.valid, strict=False), start=1):
-        log.write(json.dumps({"event": "valid", "epoch": epoch, "loss": loss, scfg.metric: value}) + "\n")
+    lines = [json.dumps(plain({"epoch": i, "loss": loss, scfg.metric: value}))
+             for i, (loss, value) in enumerate(zip(history.losses, history.valid, strict=False), start=1)]
+    write_text(out / "metrics.jsonl", "".join(line + "\n" for line in lines))
     return model.rank, {"epochs": len(history.losses), "best_epoch": history.best_epoch,
                         "select_by": scfg.metric, "valid": history.valid}
+
+
+# ---- files -------------------------------------------------------------------------------------
 
 
 def write_text(path: Path, text: str) -> None:
@@ -193,7 +303,9 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     os.replace(tmp, path)
 
 
-def _plain(value):
-    if isinstance(value, np.generic | torch.Tensor):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+def run_from_dir(run_dir: str | Path, progress: bool = True) -> Path:
+    """Continue the run in ``run_dir`` with the config it was started with."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    return run(load_config(run_dir / "config.yaml"), runs_dir=run_dir.parent, progress=progress, resume=True)

@@ -1,7 +1,7 @@
 """The one training loop: optimizer steps of a backbone's loss over shuffled samples.
 
-Every algorithm trains through ``train_steps``: the centralized run on all clients' samples, and
-(later) each client's local training in a federated round.
+Every algorithm trains through ``train_steps``: each client's local training in a federated round
+(``fellrec.client``), and the pooled trainer of the centralized upper bound.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from fellrec.config import TrainConfig
 from fellrec.split import Samples
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, total_steps: int):
-    """AdamW with linear warm-up, then linear decay to 0 (or constant) over ``total_steps``."""
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, total_steps: int, warmup: bool = True):
+    """AdamW with linear warm-up (when ``warmup``), then linear decay to 0 (or constant) over
+    ``total_steps``."""
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup, total = cfg.warmup_steps, max(1, total_steps)
+    warmup, total = (cfg.warmup_steps if warmup else 0), max(1, total_steps)
 
     def factor(step: int) -> float:
         if step < warmup:

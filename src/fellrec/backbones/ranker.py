@@ -74,6 +74,10 @@ class TextRanker:
                     self._items = self.item_vectors()
         return self._items
 
+    def reseed(self, seed: int) -> None:
+        """Restart the negative sampling from ``seed`` (a client's round is then reproducible)."""
+        self.rng = np.random.default_rng(seed)
+
     def refresh(self) -> None:
         """Forget the cached item table (an adapted item side changed with training)."""
         if self.item_side == "adapted":

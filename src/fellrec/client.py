@@ -1,0 +1,143 @@
+"""The client side: ``AdapterTrainer`` trains and evaluates one client's adapter on the shared
+backbone.
+
+Every client's trainer points at the SAME backbone (one base model in memory); a client's adapter
+lives here as named tensors and is loaded into the model only while that client works. The
+trainer owns the client's data and private state:
+
+- ``private``: the client's full adapter after its last local training (what Local keeps, and
+  what personalised algorithms build on); a payload's tensors are loaded over it;
+- ``best``: the adapter of the client's best validation round so far, chosen on the client's own
+  validation samples (FELLRec's code keeps a best adapter per client), which the test uses.
+
+Local training is reproducible from (seed, round, client) alone: the sample order, LoRA dropout
+and negative sampling are seeded from them, so a resumed run repeats a round exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from fellrec.adapters import adapter_parameters, get_adapter, set_adapter
+from fellrec.config import TrainConfig
+from fellrec.evaluate import evaluate
+from fellrec.split import Samples
+from fellrec.strategies import ClientUpdate, Payload, Tensors
+from fellrec.train import BatchSampler, make_optimizer, mean_loss, train_steps
+
+
+def derive_seed(seed: int, rnd: int, client: str) -> int:
+    """A 31-bit seed for one client in one round."""
+    return int(np.random.SeedSequence([seed, rnd, zlib.crc32(client.encode())]).generate_state(1)[0] >> 1)
+
+
+class AdapterTrainer:
+    """ClientTrainer for the LLM backbones (ranker, BIGRec) over a shared model."""
+
+    def __init__(self, client: str, backbone, train: Samples, valid: Samples, *, settings: TrainConfig,
+                 initial: Tensors, seed: int, select_by: str, ks: tuple[int, ...], eval_batch_size: int,
+                 steps_per_round: int | None = None):
+        self.client = client
+        self.backbone = backbone
+        self.train, self.valid = train, valid
+        self.settings = settings
+        self.seed = seed
+        self.select_by = select_by
+        self.ks = tuple(ks)
+        self.eval_batch_size = eval_batch_size
+        self.steps_per_round = steps_per_round if steps_per_round is not None else self._steps(settings)
+        self.private = {k: v.clone() for k, v in initial.items()}
+        self.best: Tensors = dict(self.private)
+        self.best_score: float | None = None
+        self.best_round = 0
+
+    def _steps(self, t: TrainConfig) -> int:
+        if t.local_epochs > 0:
+            return max(1, math.ceil(t.local_epochs * len(self.train) / t.batch_size))
+        return t.local_steps
+
+    # ---- ClientTrainer -------------------------------------------------------------------------
+
+    def fit(self, payload: Payload, rnd: int, on_step=None) -> ClientUpdate:
+        """Local training from ``payload`` in round ``rnd``; returns what the client sends back."""
+        model, t = self.backbone.model, self.settings
+        start = {**self.private, **payload.tensors}
+        set_adapter(model, start)
+        seed = derive_seed(self.seed, rnd, self.client)
+        torch.manual_seed(seed)  # LoRA dropout
+        if hasattr(self.backbone, "reseed"):
+            self.backbone.reseed(seed)  # the ranker's sampled negatives
+        params = list(adapter_parameters(model).values())
+        optimizer, scheduler = make_optimizer(params, t, self.steps_per_round, warmup=rnd == 1)
+        loss = self.backbone.loss
+        mu = float(payload.config.get("prox_mu", 0.0))
+        if mu > 0:
+            loss = proximal(loss, adapter_parameters(model), payload.tensors, mu)
+        losses = []
+        if len(self.train) and self.steps_per_round:
+            losses = train_steps(model, loss, self.train, steps=self.steps_per_round,
+                                 sampler=BatchSampler(len(self.train), t.batch_size, seed), optimizer=optimizer,
+                                 scheduler=scheduler, grad_clip=t.grad_clip, on_step=on_step)
+        self.private = get_adapter(model)
+        shared = self.private if payload.config.get("share", True) else {}
+        metrics = {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": len(losses)}
+        return ClientUpdate(self.client, shared, len(self.train), metrics)
+
+    def evaluate(self, payload: Payload, rnd: int) -> dict[str, float]:
+        """Validation metrics of the adapter ``payload`` gives; remembers the best round's adapter."""
+        adapter = {**self.private, **payload.tensors}
+        scores = self.score(adapter, self.valid)
+        value = scores.get(self.select_by, float("nan"))
+        lower = self.select_by == "loss"
+        if (self.best_score is None or math.isnan(self.best_score)
+                or (value < self.best_score if lower else value > self.best_score)):
+            self.best, self.best_score, self.best_round = adapter, value, rnd
+        return scores
+
+    def test(self, samples: Samples) -> dict[str, np.ndarray]:
+        """Per-sample test metrics with the selected (best validation) adapter."""
+        self._load(self.best)
+        return evaluate(self.backbone.rank, samples, batch_size=self.eval_batch_size, ks=self.ks)
+
+    def score(self, adapter: Tensors, samples: Samples) -> dict[str, float]:
+        """Mean validation loss (``select_by: loss``) or mean ranking metrics of ``adapter``."""
+        if len(samples) == 0:
+            return {self.select_by: float("nan")}
+        self._load(adapter)
+        if self.select_by == "loss":
+            return {"loss": mean_loss(self.backbone.model, self.backbone.loss, samples, self.eval_batch_size)}
+        per_sample = evaluate(self.backbone.rank, samples, batch_size=self.eval_batch_size, ks=self.ks)
+        return {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in per_sample.items()}
+
+    def _load(self, adapter: Tensors) -> None:
+        set_adapter(self.backbone.model, adapter)
+        if hasattr(self.backbone, "refresh"):
+            self.backbone.refresh()  # an adapted item side must be re-encoded
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def state(self) -> tuple[Tensors, dict[str, Any]]:
+        tensors = {f"private/{k}": v for k, v in self.private.items()}
+        tensors.update({f"best/{k}": v for k, v in self.best.items()})
+        return tensors, {"best_score": self.best_score, "best_round": self.best_round}
+
+    def load_state(self, tensors: Tensors, meta: dict[str, Any]) -> None:
+        self.private = {k.removeprefix("private/"): v for k, v in tensors.items() if k.startswith("private/")}
+        self.best = {k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")}
+        self.best_score, self.best_round = meta["best_score"], meta["best_round"]
+
+
+def proximal(loss, params: dict[str, torch.nn.Parameter], anchor: Tensors, mu: float):
+    """``loss`` plus FedProx's (μ/2)·Σ ||w − w_anchor||² over the adapter tensors."""
+    pairs = [(p, anchor[name].detach()) for name, p in params.items()]
+
+    def with_term(batch: Samples) -> torch.Tensor:
+        term = sum(((p - a) ** 2).sum() for p, a in pairs)
+        return loss(batch) + 0.5 * mu * term
+
+    return with_term

@@ -1,0 +1,531 @@
+"""Reports on finished runs: ``report.md`` and plots for one run, tables comparing several.
+
+Reads what a run writes into ``runs/<name>/`` (``config.yaml``, ``metrics.jsonl``, ``results.json``)
+and writes, next to them:
+
+- ``report.md``: settings, overall / per-client / imbalance / per-round tables, links to the plots;
+- ``plots/clients.png``: test metrics per client (grouped bars);
+- ``plots/convergence.png``: training loss and validation metric per client and round;
+- ``plots/imbalance.png``: spread of the validation metric across clients per round (only when at
+  least two clients were validated in some round).
+
+:func:`compare` puts several runs side by side (markdown, optionally ``compare.md`` and
+``compare.png``); :func:`format_compare` is the same for a terminal. Every file is written through a
+temporary file and a rename, so a half-written report never replaces a good one. Plots are drawn
+with matplotlib's Agg canvas directly (no pyplot, no global backend switch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fellrec.errors import DataError
+
+MISSING = "-"
+_ABBREV = {"recall": "R", "ndcg": "N"}
+
+
+@dataclass
+class Run:
+    """One finished run: its directory, resolved config, results and per-round records."""
+
+    path: Path
+    config: dict[str, Any]
+    results: dict[str, Any]
+    rounds: list[dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return str(self.results.get("name") or self.path.name)
+
+    @property
+    def select_by(self) -> str:
+        return str(self.results.get("select_by") or "recall@10")
+
+    def client_ids(self) -> list[str]:
+        """Client ids (as str) with test results, in numeric order where they are numbers."""
+        return sort_ids(self.results.get("clients", {}))
+
+    def client_name(self, cid: str) -> str:
+        return str(self.results.get("client_names", {}).get(cid, cid))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read a finished run; a missing run, an unfinished one or a malformed file raises ``DataError``."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise DataError(path, None, "no such run directory")
+    results_path = path / "results.json"
+    if not results_path.exists():
+        raise DataError(results_path, None, "missing: the run is unfinished (or never started), nothing to report")
+    results = _read_json(results_path)
+    config = _read_yaml(path / "config.yaml")
+    rounds = _read_rounds(path / "metrics.jsonl")
+    return Run(path=path, config=config, results=results, rounds=rounds)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(path, err.lineno, f"not valid JSON ({err.msg})") from None
+    if not isinstance(data, dict):
+        raise DataError(path, None, "expected a JSON object")
+    return data
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The run's config as a plain dict; an absent file gives ``{}`` (reports only use a few keys)."""
+    if not path.exists():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise DataError(path, mark.line + 1 if mark else None, "not valid YAML") from None
+    if not isinstance(data, dict):
+        raise DataError(path, None, "expected a mapping of settings")
+    return data
+
+
+def _read_rounds(path: Path) -> list[dict[str, Any]]:
+    """The round records of ``metrics.jsonl`` (lines with a ``round`` key), sorted by round."""
+    if not path.exists():
+        return []
+    rounds = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(path, number, f"not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(path, number, "expected a JSON object")
+            if "round" in record:
+                if not isinstance(record["round"], int):
+                    raise DataError(path, number, f"round must be an integer, got {record['round']!r}")
+                rounds.append(record)
+    return sorted(rounds, key=lambda r: r["round"])
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def sort_ids(ids) -> list[str]:
+    """Ids as str, numbers first in numeric order, then the others alphabetically."""
+    ids = [str(i) for i in ids]
+    return sorted(ids, key=lambda s: (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s))
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A number with ``digits`` decimals (ints as they are); None and NaN as ``-``."""
+    if value is None or isinstance(value, bool):
+        return MISSING if value is None else str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return MISSING if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def human_bytes(n: float | None) -> str:
+    """Bytes in decimal units: ``12.3 MB`` (1 MB = 10⁶ bytes)."""
+    if n is None:
+        return MISSING
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def human_time(seconds: float | None) -> str:
+    """``42.0 s``, ``3 min 05 s`` or ``2 h 07 min``."""
+    if seconds is None:
+        return MISSING
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def short(metric: str) -> str:
+    """``recall@10`` → ``R@10``, ``ndcg@20`` → ``N@20``; other names unchanged."""
+    kind, _, k = metric.partition("@")
+    return f"{_ABBREV[kind]}@{k}" if k and kind in _ABBREV else metric
+
+
+def rank_metrics(names) -> list[str]:
+    """The recall@K and ndcg@K names among ``names``: recall first, then ndcg, each by K."""
+    def key(m: str):
+        kind, _, k = m.partition("@")
+        return (list(_ABBREV).index(kind), int(k))
+
+    return sorted({m for m in names if m.partition("@")[0] in _ABBREV and m.partition("@")[2].isdigit()}, key=key)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """A GitHub markdown table; the first ``left`` (text) columns left-aligned, the others right-aligned."""
+    rule = [":---" if i < left else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """Aligned columns for a terminal: the first ``left`` left-aligned, the others right-aligned."""
+    cells = [list(header), *map(list, rows)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+
+    def line(row):
+        cols = enumerate(zip(row, widths, strict=True))
+        return "  ".join(v.ljust(w) if i < left else v.rjust(w) for i, (v, w) in cols)
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *(line(r) for r in cells[1:])])
+
+
+# ---------------------------------------------------------------- per-round values
+
+
+def train_losses(run: Run) -> dict[str, list[tuple[int, float]]]:
+    """Client id → [(round, training loss)] over the rounds it trained in."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for r in run.rounds:
+        for cid, entry in (r.get("train") or {}).items():
+            if isinstance(entry, dict) and _finite(entry.get("loss")):
+                out.setdefault(str(cid), []).append((r["round"], float(entry["loss"])))
+    return {cid: out[cid] for cid in sort_ids(out)}
+
+
+def valid_values(run: Run, metric: str | None = None) -> dict[str, list[tuple[int, float]]]:
+    """Client id → [(round, validation ``metric``)] (default: the run's ``select_by``)."""
+    metric = metric or run.select_by
+    out: dict[str, list[tuple[int, float]]] = {}
+    for r in run.rounds:
+        for cid, entry in (r.get("valid") or {}).items():
+            if isinstance(entry, dict) and _finite(entry.get(metric)):
+                out.setdefault(str(cid), []).append((r["round"], float(entry[metric])))
+    return {cid: out[cid] for cid in sort_ids(out)}
+
+
+def valid_spread(run: Run) -> list[dict[str, float]]:
+    """Per round with ≥ 2 validated clients: round, std, min, max, max/min of the ``select_by`` metric."""
+    out = []
+    for r in run.rounds:
+        values = [float(e[run.select_by]) for e in (r.get("valid") or {}).values()
+                  if isinstance(e, dict) and _finite(e.get(run.select_by))]
+        if len(values) < 2:
+            continue
+        mean = sum(values) / len(values)
+        lo, hi = min(values), max(values)
+        out.append({"round": r["round"], "std": math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)),
+                    "min": lo, "max": hi, "max_min": hi / lo if lo > 0 else math.nan})
+    return out
+
+
+def round_rows(run: Run) -> list[list[str]]:
+    """Rows of the rounds table: round, clients trained, mean train loss, mean valid metric, cumulative bytes."""
+    rows, total = [], 0
+    for r in run.rounds:
+        losses = [e["loss"] for e in (r.get("train") or {}).values() if isinstance(e, dict) and _finite(e.get("loss"))]
+        valid = [e[run.select_by] for e in (r.get("valid") or {}).values()
+                 if isinstance(e, dict) and _finite(e.get(run.select_by))]
+        total += sum((r.get("bytes_up") or {}).values()) + sum((r.get("bytes_down") or {}).values())
+        rows.append([str(r["round"]), str(len(r.get("clients") or [])), fmt(_mean(losses)), fmt(_mean(valid)),
+                     human_bytes(total)])
+    return rows
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+# ---------------------------------------------------------------- report.md
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``report.md`` and ``plots/*.png`` into the run directory; the path of ``report.md``."""
+    run = load_run(run_dir)
+    plots = run.path / "plots"
+    plots.mkdir(exist_ok=True)
+    images = [p for p in (plot_clients(run, plots / "clients.png"), plot_convergence(run, plots / "convergence.png"),
+                          plot_imbalance(run, plots / "imbalance.png")) if p is not None]
+    out = run.path / "report.md"
+    write_text(out, render_report(run, [p.relative_to(run.path) for p in images]))
+    return out
+
+
+def render_report(run: Run, images: Sequence[Path] = ()) -> str:
+    """The markdown text of ``report.md``; ``images`` are paths relative to the run directory."""
+    parts = [f"# Run {run.name}", settings_line(run),
+             "## Overall (test)", overall_table(run),
+             "## Clients (test)", clients_table(run),
+             "## Imbalance across clients (test)", imbalance_table(run),
+             f"## Rounds (validation by {run.select_by})", rounds_table(run)]
+    if images:
+        parts += ["## Plots", "\n\n".join(f"![{p.stem}]({p.as_posix()})" for p in images)]
+    return "\n\n".join(parts) + "\n"
+
+
+def settings_line(run: Run) -> str:
+    r, comm = run.results, run.results.get("communication") or {}
+    rounds = r.get("rounds", (run.config.get("train") or {}).get("rounds"))
+    items = [("algorithm", r.get("algorithm")), ("backbone", r.get("backbone")), ("dataset", r.get("dataset")),
+             ("rounds", rounds), ("time", human_time(r.get("time_s"))),
+             ("bytes up", human_bytes(comm.get("bytes_up"))), ("bytes down", human_bytes(comm.get("bytes_down")))]
+    return " · ".join(f"{k} **{MISSING if v is None else v}**" for k, v in items)
+
+
+def overall_table(run: Run) -> str:
+    overall = run.results.get("overall") or {}
+    metrics = rank_metrics(overall)
+    if not metrics:
+        return "_no test metrics_"
+    return markdown_table([short(m) for m in metrics], [[fmt(overall[m]) for m in metrics]])
+
+
+def clients_table(run: Run) -> str:
+    clients = run.results.get("clients") or {}
+    if not clients:
+        return "_no client was tested_"
+    metrics = rank_metrics(run.results.get("overall") or next(iter(clients.values())))
+    best = run.results.get("best_round") or {}
+    per_client = (run.results.get("communication") or {}).get("per_client") or {}
+    header = ["client", "name", "n test users", *map(short, metrics), "best round", "bytes up", "bytes down"]
+    rows = []
+    for cid in run.client_ids():
+        c, comm = clients[cid], per_client.get(cid) or {}
+        rows.append([cid, run.client_name(cid), fmt(c.get("n")), *(fmt(c.get(m)) for m in metrics),
+                     fmt(best.get(cid)), human_bytes(comm.get("bytes_up")), human_bytes(comm.get("bytes_down"))])
+    return markdown_table(header, rows, left=2)
+
+
+def imbalance_table(run: Run) -> str:
+    imbalance = run.results.get("imbalance") or {}
+    metrics = rank_metrics(imbalance)
+    if not metrics:
+        return "_no imbalance statistics (fewer than two clients tested)_"
+    keys = ["std", "min", "max", "max_min_ratio", "cv", "gini"]
+    header = ["metric", "std", "min", "max", "max/min", "cv", "gini"]
+    return markdown_table(header, [[short(m), *(fmt(imbalance[m].get(k)) for k in keys)] for m in metrics])
+
+
+def rounds_table(run: Run) -> str:
+    if not run.rounds:
+        return "_no round records in metrics.jsonl_"
+    header = ["round", "clients trained", "mean train loss", f"mean valid {run.select_by}", "cumulative bytes"]
+    return markdown_table(header, round_rows(run))
+
+
+# ---------------------------------------------------------------- plots
+
+
+def plot_clients(run: Run, path: Path) -> Path | None:
+    """Grouped bars: one group per client, one bar per test metric (recall@K, ndcg@K)."""
+    clients = run.results.get("clients") or {}
+    ids = run.client_ids()
+    metrics = rank_metrics({m for c in ids for m in clients[c]})
+    if not metrics:
+        return None
+    series = {short(m): [clients[c].get(m) for c in ids] for m in metrics}
+    fig, ax = _figure(max(6.0, 1.2 * len(ids) + 2))
+    _grouped_bars(ax, [run.client_name(c) for c in ids], series)
+    ax.set_ylabel("test metric")
+    ax.set_title(f"{run.name}: test metrics per client")
+    return _save(fig, path)
+
+
+def plot_convergence(run: Run, path: Path) -> Path | None:
+    """Left: training loss per client and round. Right: validation ``select_by`` per client and round."""
+    losses, valid = train_losses(run), valid_values(run)
+    if not losses and not valid:
+        return None
+    fig, (left, right) = _figure(12.0, ncols=2)
+    _lines(left, run, losses, "training loss")
+    _lines(right, run, valid, f"validation {run.select_by}")
+    fig.suptitle(f"{run.name}: convergence")
+    return _save(fig, path)
+
+
+def plot_imbalance(run: Run, path: Path) -> Path | None:
+    """Per round: std (left) and min / max (right) across clients of the validation ``select_by`` metric."""
+    spread = valid_spread(run)
+    if not spread:
+        return None
+    x = [s["round"] for s in spread]
+    fig, (left, right) = _figure(12.0, ncols=2)
+    left.plot(x, [s["std"] for s in spread], marker="o")
+    left.set(xlabel="round", ylabel=f"std of {run.select_by}", title="std across clients")
+    right.plot(x, [s["min"] for s in spread], marker="v", label="min")
+    right.plot(x, [s["max"] for s in spread], marker="^", label="max")
+    right.set(xlabel="round", ylabel=run.select_by, title="min and max across clients")
+    right.legend()
+    for ax in (left, right):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(f"{run.name}: validation imbalance")
+    return _save(fig, path)
+
+
+def _lines(ax, run: Run, series: dict[str, list[tuple[int, float]]], ylabel: str) -> None:
+    for cid, points in series.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=run.client_name(cid))
+    ax.set(xlabel="round", ylabel=ylabel, title=ylabel)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if series:
+        ax.legend(fontsize="small")
+
+
+def _grouped_bars(ax, groups: Sequence[str], series: dict[str, Sequence[float | None]]) -> None:
+    """One group of bars per entry of ``groups``, one bar per series (None/NaN drawn as 0 height)."""
+    width = 0.8 / max(1, len(series))
+    for i, (label, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [v if _finite(v) else 0.0 for v in values], width, label=label)
+    crowded = len(groups) > 6
+    ax.set_xticks(range(len(groups)), groups, rotation=30 if crowded else 0, ha="right" if crowded else "center")
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _figure(width: float, ncols: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols)
+    return fig, axes
+
+
+def _save(fig, path: Path) -> Path:
+    return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+# ---------------------------------------------------------------- comparing runs
+
+
+def compare(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None,
+            metric: str = "recall@10") -> tuple[str, Path | None]:
+    """Markdown comparing runs (summary table, per-client ``metric`` table); with ``out_dir``, also
+    ``compare.md`` and ``compare.png`` there. Returns the markdown and the png path (None without ``out_dir``)."""
+    runs = [load_run(d) for d in run_dirs]
+    header, rows = summary_rows(runs, metric)
+    c_header, c_rows = client_rows(runs, metric)
+    text = (f"# Comparison of {len(runs)} runs\n\n{markdown_table(header, rows, left=3)}\n\n"
+            f"## {metric} per client (test)\n\n{markdown_table(c_header, c_rows)}\n")
+    if out_dir is None:
+        return text, None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_compare(runs, out / "compare.png", metric)
+    if png is not None:
+        text += f"\n![compare]({png.name})\n"
+    write_text(out / "compare.md", text)
+    return text, png
+
+
+def format_compare(runs: Sequence[Run | str | Path], metric: str = "recall@10") -> str:
+    """The comparison as plain aligned text for a terminal (runs, then ``metric`` per client)."""
+    runs = [r if isinstance(r, Run) else load_run(r) for r in runs]
+    return (text_table(*summary_rows(runs, metric), left=3) + f"\n\n{metric} per client (test)\n"
+            + text_table(*client_rows(runs, metric)))
+
+
+def summary_rows(runs: Sequence[Run], metric: str = "recall@10") -> tuple[list[str], list[list[str]]]:
+    """One row per run: name, algorithm, backbone, overall metrics, spread of ``metric``, bytes, time."""
+    metrics = rank_metrics({m for r in runs for m in r.results.get("overall") or {}})
+    header = ["run", "algorithm", "backbone", *map(short, metrics), f"std {short(metric)}",
+              f"max/min {short(metric)}", "bytes up+down", "time"]
+    rows = []
+    for r in runs:
+        res, imb = r.results, (r.results.get("imbalance") or {}).get(metric) or {}
+        comm = res.get("communication") or {}
+        moved = _sum_known(comm.get("bytes_up"), comm.get("bytes_down"))
+        rows.append([r.name, str(res.get("algorithm") or MISSING), str(res.get("backbone") or MISSING),
+                     *(fmt((res.get("overall") or {}).get(m)) for m in metrics), fmt(imb.get("std")),
+                     fmt(imb.get("max_min_ratio")), human_bytes(moved), human_time(res.get("time_s"))])
+    return header, rows
+
+
+def client_rows(runs: Sequence[Run], metric: str = "recall@10") -> tuple[list[str], list[list[str]]]:
+    """Rows = clients (then ``overall``), columns = runs; cells = the test ``metric``."""
+    ids = sort_ids({c for r in runs for c in r.client_ids()})
+    header = ["client", *(r.name for r in runs)]
+    rows = [[_client_label(runs, c), *(fmt(((r.results.get("clients") or {}).get(c) or {}).get(metric))
+                                       for r in runs)] for c in ids]
+    rows.append(["overall", *(fmt((r.results.get("overall") or {}).get(metric)) for r in runs)])
+    return header, rows
+
+
+def plot_compare(runs: Sequence[Run], path: Path, metric: str = "recall@10") -> Path | None:
+    """Grouped bars: per client (and overall) the test ``metric`` of each run."""
+    ids = sort_ids({c for r in runs for c in r.client_ids()})
+    groups = [_client_label(runs, c) for c in ids] + ["overall"]
+    series = {r.name: [((r.results.get("clients") or {}).get(c) or {}).get(metric) for c in ids]
+              + [(r.results.get("overall") or {}).get(metric)] for r in runs}
+    fig, ax = _figure(max(6.0, 0.6 * len(groups) * max(1, len(runs)) + 2))
+    _grouped_bars(ax, groups, series)
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(f"{metric} per client")
+    return _save(fig, path)
+
+
+def _client_label(runs: Sequence[Run], cid: str) -> str:
+    """``name`` from the first run that names client ``cid`` (the id when none does)."""
+    for r in runs:
+        if cid in (r.results.get("client_names") or {}):
+            return r.client_name(cid)
+    return cid
+
+
+def _sum_known(*values: float | None) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
+# ---------------------------------------------------------------- atomic files
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` via a temporary file and a rename."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    return _atomic(path, write)
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,1 @@
+"""Runtimes: the only code that moves payloads and updates between the Strategy and the clients."""

@@ -1,0 +1,22 @@
+"""Server-side algorithms, one file each; ``make_strategy`` builds one by its config name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fellrec.strategies.base import ClientUpdate, Payload, Strategy, Tensors, weighted_mean
+from fellrec.strategies.centralized import POOLED, Centralized
+from fellrec.strategies.fedavg import FedAvg
+from fellrec.strategies.fedprox import FedProx
+from fellrec.strategies.local import Local
+
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Centralized, Local, FedAvg, FedProx)}
+
+__all__ = ["POOLED", "STRATEGIES", "ClientUpdate", "Payload", "Strategy", "Tensors", "make_strategy",
+           "weighted_mean"]
+
+
+def make_strategy(name: str, initial: Tensors, clients: list[str], **options: Any) -> Strategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(STRATEGIES)}")
+    return STRATEGIES[name](initial, clients, **options)

@@ -1,0 +1,104 @@
+"""What travels between server and clients, and the server-side Strategy every algorithm is.
+
+A Strategy is pure tensor math: it decides what each client receives (a ``Payload``) and turns
+the clients' ``ClientUpdate``s into new adapter state. It never sees a model, a file or a
+transport, so the embedded runtime and the Flower runtime drive the same code.
+
+Tensors are ``dict[str, Tensor]`` keyed by the portable adapter names of ``fellrec.adapters``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Tensors = dict[str, Tensor]
+
+
+@dataclass
+class Payload:
+    """What the server sends one client: tensors to load over the client's own, and instructions.
+
+    ``config`` keys the client trainer understands: ``share`` (bool: send the adapter back),
+    ``prox_mu`` (float: FedProx's proximal weight, measured against ``tensors``).
+    """
+
+    tensors: Tensors = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientUpdate:
+    """All a client sends back after local training (plain mode)."""
+
+    client: str
+    tensors: Tensors
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Strategy:
+    """Server side of one algorithm. Subclasses override what differs.
+
+    ``clients`` are the ids of every client that will ever train. ``initial`` is the common
+    starting adapter (every client starts from the same one, as FELLRec's code does).
+    ``communicates`` is False where nothing really travels (local training, the centralized
+    upper bound), so the runtime counts no bytes.
+    """
+
+    name = "strategy"
+    communicates = True
+
+    def __init__(self, initial: Tensors, clients: list[str], **options: Any):
+        self.clients = list(clients)
+
+    def configure_fit(self, rnd: int, client: str) -> Payload:
+        """The payload ``client`` trains from in round ``rnd`` (1-based)."""
+        raise NotImplementedError
+
+    def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> dict[str, Any]:
+        """Fold the round's updates into the server state; returns what to log for the round."""
+        raise NotImplementedError
+
+    def configure_evaluate(self, client: str) -> Payload:
+        """The payload ``client`` validates and tests with (its current adapter)."""
+        raise NotImplementedError
+
+    def global_tensors(self) -> Tensors | None:
+        """The one global adapter, for algorithms that have one."""
+        return None
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def state(self) -> Tensors:
+        """Everything needed to continue after a restart, as named tensors."""
+        return {}
+
+    def load_state(self, tensors: Tensors) -> None:
+        if tensors:
+            raise ValueError(f"{self.name} keeps no state, got {sorted(tensors)[:3]}")
+
+
+def weighted_mean(updates: list[ClientUpdate]) -> Tensors:
+    """Σ_k n_k θ_k / Σ_k n_k over the updates, tensor by tensor (n_k = ``num_examples``).
+
+    The sum runs in float64 so the result does not depend on the order of the clients.
+    """
+    if not updates:
+        raise ValueError("weighted_mean needs at least one update")
+    weights = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
+    if (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"weighted_mean needs non-negative sample counts with a positive sum, got {weights.tolist()}")
+    weights = weights / weights.sum()
+    names = updates[0].tensors.keys()
+    for u in updates[1:]:
+        if u.tensors.keys() != names:
+            raise ValueError(f"client {u.client} sent other tensors than client {updates[0].client}")
+    out = {}
+    for name in names:
+        acc = sum(w * u.tensors[name].to(torch.float64) for w, u in zip(weights, updates, strict=True))
+        out[name] = acc.to(updates[0].tensors[name].dtype)
+    return out

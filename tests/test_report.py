@@ -1,0 +1,209 @@
+"""fellrec.report on hand-written run directories (3 clients, 3 rounds, known numbers)."""
+
+import json
+import math
+
+import pytest
+import yaml
+
+from fellrec.errors import FellrecError
+from fellrec.report import compare, fmt, format_compare, human_bytes, load_run, write_report
+
+NAMES = {"0": "north", "1": "south", "2": "east"}
+# client -> round -> training loss; client -> round -> validation recall@10 (all different)
+LOSSES = {"0": [7.0, 6.5, 6.1], "1": [6.0, 5.0, 4.6], "2": [5.0, 4.9, 4.2]}
+VALID = {"0": [0.010, 0.020, 0.040], "1": [0.030, 0.090, 0.080], "2": [0.050, 0.060, 0.070]}
+UP, DOWN = {"0": 1_000_000, "1": 2_000_000, "2": 3_000_000}, {"0": 4_000_000, "1": 5_000_000, "2": 6_000_000}
+
+RUN_A = {
+    "name": "alpha-fedavg", "algorithm": "fedavg", "backbone": "ranker",
+    "overall": {"recall@10": 0.1234, "recall@20": 0.2345, "ndcg@10": 0.0567, "ndcg@20": 0.0789},
+    "clients": {"0": {"recall@10": 0.1111, "recall@20": 0.2011, "ndcg@10": 0.0511, "ndcg@20": 0.0611, "n": 17},
+                "1": {"recall@10": 0.2222, "recall@20": 0.3022, "ndcg@10": 0.0822, "ndcg@20": 0.0922, "n": 23},
+                "2": {"recall@10": 0.0333, "recall@20": 0.1033, "ndcg@10": 0.0133, "ndcg@20": 0.0233, "n": 31}},
+    "best_round": {"0": 3, "1": 2, "2": 1},
+    "std": 0.0777, "max_min_ratio": 6.6727, "time_s": 754.0,
+}
+RUN_B = {
+    "name": "beta-fedprox", "algorithm": "fedprox", "backbone": "bigrec",
+    "overall": {"recall@10": 0.3456, "recall@20": 0.4567, "ndcg@10": 0.1678, "ndcg@20": 0.1789},
+    "clients": {"0": {"recall@10": 0.3101, "recall@20": 0.4101, "ndcg@10": 0.1101, "ndcg@20": 0.1201, "n": 17},
+                "1": {"recall@10": 0.4202, "recall@20": 0.5202, "ndcg@10": 0.2202, "ndcg@20": 0.2302, "n": 23},
+                "2": {"recall@10": 0.2903, "recall@20": 0.3903, "ndcg@10": 0.1903, "ndcg@20": 0.2003, "n": 31}},
+    "best_round": {"0": 1, "1": 3, "2": 3},
+    "std": 0.0567, "max_min_ratio": 1.4475, "time_s": 42.5,
+}
+
+
+def round_record(r: int) -> dict:
+    valid = {c: {"recall@10": VALID[c][r - 1] if r else 0.0, "loss": 9.0 - r} for c in NAMES}
+    if r == 0:
+        return {"round": 0, "time_s": 0.5, "valid": valid}
+    return {"round": r, "time_s": 10.0 * r, "clients": [0, 1, 2],
+            "train": {c: {"loss": LOSSES[c][r - 1], "steps": 5, "examples": 40} for c in NAMES},
+            "bytes_up": dict(UP), "bytes_down": dict(DOWN), "valid": valid}
+
+
+def make_run(root, spec: dict, scale: int = 1):
+    """A finished run directory; ``scale`` multiplies the bytes so that runs differ."""
+    out = root / spec["name"]
+    out.mkdir()
+    config = {"name": spec["name"], "train": {"algorithm": spec["algorithm"], "rounds": 3, "local_steps": 5},
+              "model": {"backbone": spec["backbone"]}, "eval": {"ks": [10, 20]}}
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    lines = [json.dumps({"event": "start"})] + [json.dumps(round_record(r)) for r in range(4)]
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    per_client = {c: {"bytes_up": 3 * UP[c] * scale, "bytes_down": 3 * DOWN[c] * scale} for c in NAMES}
+    r10 = [v["recall@10"] for v in spec["clients"].values()]
+    imbalance = {"recall@10": {"std": spec["std"], "min": min(r10), "max": max(r10),
+                               "max_min_ratio": spec["max_min_ratio"], "cv": 0.5, "gini": None}}
+    results = {
+        "name": spec["name"], "algorithm": spec["algorithm"], "backbone": spec["backbone"], "dataset": "ml-1m",
+        "overall": spec["overall"], "clients": spec["clients"], "client_names": NAMES, "imbalance": imbalance,
+        "communication": {"bytes_up": sum(p["bytes_up"] for p in per_client.values()),
+                          "bytes_down": sum(p["bytes_down"] for p in per_client.values()), "per_client": per_client},
+        "time_s": spec["time_s"], "rounds": 3, "select_by": "recall@10", "best_round": spec["best_round"],
+        "samples": {"train": 1000, "valid": 100, "test": 71},
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return out
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines() if line.startswith("|")]
+
+
+def test_load_run(tmp_path):
+    run = load_run(make_run(tmp_path, RUN_A))
+    assert run.name == "alpha-fedavg"
+    assert run.config["train"]["algorithm"] == "fedavg"
+    assert [r["round"] for r in run.rounds] == [0, 1, 2, 3]  # the line without "round" is ignored
+    assert run.results["overall"]["recall@10"] == 0.1234
+
+
+def test_report_contents(tmp_path):
+    out = write_report(make_run(tmp_path, RUN_A))
+    assert out == tmp_path / "alpha-fedavg" / "report.md"
+    text = out.read_text()
+    assert "# Run alpha-fedavg" in text
+    assert "fedavg" in text and "ranker" in text and "ml-1m" in text and "12 min 34 s" in text
+    # bytes: up 3 rounds × (1+2+3) MB = 18.0 MB, down 3 × (4+5+6) MB = 45.0 MB
+    assert "bytes up **18.0 MB**" in text and "bytes down **45.0 MB**" in text
+    rows = table_rows(text)
+    assert ["R@10", "R@20", "N@10", "N@20"] in rows
+    assert ["0.1234", "0.2345", "0.0567", "0.0789"] in rows
+    # per client: id, name, n, R@10, R@20, N@10, N@20, best round, bytes up, bytes down
+    assert ["0", "north", "17", "0.1111", "0.2011", "0.0511", "0.0611", "3", "3.0 MB", "12.0 MB"] in rows
+    assert ["1", "south", "23", "0.2222", "0.3022", "0.0822", "0.0922", "2", "6.0 MB", "15.0 MB"] in rows
+    assert ["2", "east", "31", "0.0333", "0.1033", "0.0133", "0.0233", "1", "9.0 MB", "18.0 MB"] in rows
+    # imbalance: std, min, max, max/min, cv, gini (None -> "-")
+    assert ["R@10", "0.0777", "0.0333", "0.2222", "6.6727", "0.5000", "-"] in rows
+    # rounds: round, clients trained, mean train loss, mean valid recall@10, cumulative bytes (21 MB per round)
+    assert ["0", "0", "-", "0.0000", "0 B"] in rows
+    assert ["1", "3", "6.0000", "0.0300", "21.0 MB"] in rows
+    assert ["2", "3", "5.4667", "0.0567", "42.0 MB"] in rows
+    assert ["3", "3", "4.9667", "0.0633", "63.0 MB"] in rows
+    for name in ("clients", "convergence", "imbalance"):
+        assert f"](plots/{name}.png)" in text
+
+
+def test_plots_are_pngs(tmp_path):
+    run_dir = make_run(tmp_path, RUN_A)
+    write_report(run_dir)
+    for name in ("clients", "convergence", "imbalance"):
+        data = (run_dir / "plots" / f"{name}.png").read_bytes()
+        assert data[:4] == b"\x89PNG"
+        assert len(data) > 5000
+    assert not [p for p in run_dir.rglob(".*")]  # no temporary file left behind
+
+
+def test_imbalance_plot_needs_two_validated_clients(tmp_path):
+    run_dir = make_run(tmp_path, RUN_A)
+    lines = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "valid" in record:
+            record["valid"] = {"1": record["valid"]["1"]}
+        lines.append(json.dumps(record))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    text = write_report(run_dir).read_text()
+    assert not (run_dir / "plots" / "imbalance.png").exists()
+    assert (run_dir / "plots" / "convergence.png").exists()
+    assert "plots/imbalance.png" not in text
+
+
+def test_bad_metrics_line_names_file_and_line(tmp_path):
+    run_dir = make_run(tmp_path, RUN_A)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    lines[2] = '{"round": 2, "train": '
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(FellrecError, match=r"metrics\.jsonl:3: not valid JSON"):
+        write_report(run_dir)
+    assert not (run_dir / "report.md").exists()
+
+
+def test_unfinished_run(tmp_path):
+    run_dir = make_run(tmp_path, RUN_A)
+    (run_dir / "results.json").unlink()
+    with pytest.raises(FellrecError, match=r"results\.json: missing: the run is unfinished"):
+        load_run(run_dir)
+    with pytest.raises(FellrecError, match="no such run directory"):
+        load_run(tmp_path / "nowhere")
+
+
+def test_bad_results_json(tmp_path):
+    run_dir = make_run(tmp_path, RUN_A)
+    (run_dir / "results.json").write_text('{\n"name": "x",\n oops}')
+    with pytest.raises(FellrecError, match=r"results\.json:3: not valid JSON"):
+        load_run(run_dir)
+
+
+def test_compare(tmp_path):
+    a, b = make_run(tmp_path, RUN_A), make_run(tmp_path, RUN_B, scale=2)
+    text, png = compare([a, b], out_dir=tmp_path / "cmp")
+    rows = table_rows(text)
+    assert ["run", "algorithm", "backbone", "R@10", "R@20", "N@10", "N@20", "std R@10", "max/min R@10",
+            "bytes up+down", "time"] in rows
+    assert ["alpha-fedavg", "fedavg", "ranker", "0.1234", "0.2345", "0.0567", "0.0789", "0.0777", "6.6727",
+            "63.0 MB", "12 min 34 s"] in rows
+    assert ["beta-fedprox", "fedprox", "bigrec", "0.3456", "0.4567", "0.1678", "0.1789", "0.0567", "1.4475",
+            "126.0 MB", "42.5 s"] in rows
+    assert ["client", "alpha-fedavg", "beta-fedprox"] in rows
+    assert ["north", "0.1111", "0.3101"] in rows
+    assert ["south", "0.2222", "0.4202"] in rows
+    assert ["east", "0.0333", "0.2903"] in rows
+    assert ["overall", "0.1234", "0.3456"] in rows
+    assert png == tmp_path / "cmp" / "compare.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
+    assert (tmp_path / "cmp" / "compare.md").read_text().startswith(text.rstrip("\n").split("\n")[0])
+
+
+def test_compare_without_out_dir_writes_nothing(tmp_path):
+    a, b = make_run(tmp_path, RUN_A), make_run(tmp_path, RUN_B)
+    before = sorted(tmp_path.rglob("*"))
+    text, png = compare([a, b])
+    assert png is None and "beta-fedprox" in text
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_format_compare_is_plain_text(tmp_path):
+    runs = [load_run(make_run(tmp_path, RUN_A)), load_run(make_run(tmp_path, RUN_B))]
+    text = format_compare(runs)
+    assert "|" not in text
+    lines = text.splitlines()
+    alpha = next(line for line in lines if line.startswith("alpha-fedavg"))
+    assert alpha.split()[:7] == ["alpha-fedavg", "fedavg", "ranker", "0.1234", "0.2345", "0.0567", "0.0789"]
+    assert next(line for line in lines if line.startswith("south")).split() == ["south", "0.2222", "0.4202"]
+    first = lines[:lines.index("")]
+    assert len(first) == 4 and len({len(line) for line in first}) == 1  # header, rule, 2 runs: aligned
+
+
+@pytest.mark.parametrize(("value", "text"), [(None, "-"), (math.nan, "-"), (0.12344, "0.1234"), (3, "3")])
+def test_fmt(value, text):
+    assert fmt(value) == text
+
+
+@pytest.mark.parametrize(("n", "text"), [(None, "-"), (999, "999 B"), (12_345, "12.3 kB"), (12_300_000, "12.3 MB"),
+                                         (4_560_000_000, "4.6 GB")])
+def test_human_bytes(n, text):
+    assert human_bytes(n) == text
