@@ -1,5 +1,6 @@
 # The two commands of the README. Both create (or reuse) .venv and install everything in it.
-#   make demo   set up, then run the default experiment (configs/demo.yaml)
+#   make demo   set up, then run the default experiment (configs/demo.yaml: FedAvg and Local);
+#               run again, it shows the finished runs (or continues one that was cut short)
 #   make test   set up, then lint (ruff) and run the whole test suite (pytest)
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ STAMP  := $(VENV)/.fellrec-installed
 .PHONY: demo test setup lint bench clean
 
 demo: $(STAMP)
-	$(BIN)/fellrec data stats configs/demo.yaml
+	$(BIN)/fellrec run configs/demo.yaml --resume
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

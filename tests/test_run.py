@@ -56,7 +56,7 @@ def test_fedavg_run_writes_every_output(tmp_path, backbone):
     assert res["backbone"] == backbone and res["algorithm"] == "fedavg" and res["rounds"] == 2
     assert res["communication"]["bytes_up"] == res["communication"]["bytes_down"] == 4 * adapter_size
     assert res["select_by"] == select_by and set(res["best_round"].values()) <= {1, 2}
-    assert res["client_names"] == {"0": "F", "1": "M"} and res["time_s"] > 0
+    assert res["client_names"] == {"0": "F", "1": "M"} and res["time_s"] >= res["train_time_s"] > 0
     assert res["samples"]["test"] == 30 == sum(c["n"] for c in res["clients"].values())
     for metric in ("recall@10", "ndcg@20", "hit@5", "mrr@10"):
         per_client = [c[metric] for c in res["clients"].values()]
@@ -172,7 +172,7 @@ def test_resume_after_a_kill_mid_round_ends_like_an_uninterrupted_run(tmp_path, 
     a, b = tmp_path / "a" / "x", cut
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
     for r in (ra, rb):
-        r.pop("time_s")
+        r.pop("time_s"), r.pop("train_time_s")
     assert ra == rb
     la, lb = lines(a / "metrics.jsonl"), lines(b / "metrics.jsonl")
     for r in (*la, *lb):
@@ -224,3 +224,15 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys, setting, message):
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("fellrec: error: ") and message in err
     assert not (tmp_path / "bad" / "results.json").exists()
+
+
+def test_device_choice():
+    from fellrec.run import pick_device
+
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"model\.device: cuda asked for, but this torch sees no GPU"):
+            pick_device("cuda")
+    with pytest.raises(ConfigError, match=r"model\.device: 'gpu' is not a device"):
+        pick_device("gpu")

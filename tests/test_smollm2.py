@@ -62,3 +62,23 @@ def test_bigrec_lora_steps_lower_the_loss_and_generation_grounds(setting, train_
     assert scores.shape == (2, p.dataset.num_items) and torch.isfinite(scores).all()
     assert (scores <= 0).all()  # minus a distance
     assert (scores.std(1) > 0).all()  # the distances tell the items apart
+
+
+def test_fedavg_round_on_smollm2_end_to_end(tmp_path):
+    """The demo's path at a tiny budget: 5 k-means clients, one FedAvg round of one step each."""
+    import json
+
+    from fellrec.run import run
+
+    cfg = load_config("configs/demo.yaml", ["name=ci", "algorithms=[]", "train.algorithm=fedavg",
+                                            "train.rounds=1", "train.local_steps=1", "train.batch_size=2",
+                                            "eval.max_valid_samples=2", "eval.max_test_samples=10"])
+    out = run(cfg, runs_dir=tmp_path, progress=False)
+    (r,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert r["clients"] == ["0", "1", "2", "3", "4"]
+    assert all(np.isfinite(t["loss"]) and t["steps"] == 1 for t in r["train"].values())
+    # one LoRA adapter of SmolLM2 (r=8 on q and v of 30 layers) each way per client
+    params = 30 * (8 * 576 + 576 * 8 + 8 * 576 + 192 * 8)
+    assert all(params * 4 < b < params * 4 + 20_000 for b in r["bytes_up"].values())
+    res = json.loads((out / "results.json").read_text())
+    assert res["samples"]["test"] == 10 and (out / "report.md").exists()

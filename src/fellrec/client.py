@@ -134,7 +134,7 @@ class AdapterTrainer:
 
 def proximal(loss, params: dict[str, torch.nn.Parameter], anchor: Tensors, mu: float):
     """``loss`` plus FedProx's (μ/2)·Σ ||w − w_anchor||² over the adapter tensors."""
-    pairs = [(p, anchor[name].detach()) for name, p in params.items()]
+    pairs = [(p, anchor[name].detach().to(p.device)) for name, p in params.items()]
 
     def with_term(batch: Samples) -> torch.Tensor:
         term = sum(((p - a) ** 2).sum() for p, a in pairs)

@@ -108,6 +108,8 @@ class ModelConfig:
                         choices=("ranker", "bigrec", "sasrec", "most-popular"))
     name_or_path: str = opt("smollm2-135m-instruct", "base LM: smollm2-135m-instruct (packaged), tiny-random "
                             "(tests), or a local Hugging Face checkpoint directory")
+    device: str = opt("auto", "where the LLM runs: auto (cuda when torch sees a GPU, else cpu), cpu, cuda, "
+                      "cuda:N")
     lora: LoraConfig = opt(LoraConfig(), "the adapter the LLM backbones train")
     max_len: int = opt(512, "token cut-off of a prompt (the oldest history is cut first)")
     prompt_item: str | None = opt(None, "prompt word for one item (null: from the dataset, e.g. movie)")

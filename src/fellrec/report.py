@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from typing import Any
 import yaml
 
 from fellrec.errors import DataError
+from fellrec.files import atomic, write_text
 
 MISSING = "-"
 _ABBREV = {"recall": "R", "ndcg": "N"}
@@ -419,7 +418,7 @@ def _figure(width: float, ncols: int = 1):
 
 
 def _save(fig, path: Path) -> Path:
-    return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 # ---------------------------------------------------------------- comparing runs
@@ -502,30 +501,3 @@ def _client_label(runs: Sequence[Run], cid: str) -> str:
 def _sum_known(*values: float | None) -> float | None:
     known = [v for v in values if v is not None]
     return sum(known) if known else None
-
-
-# ---------------------------------------------------------------- atomic files
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Write ``text`` via a temporary file and a rename."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    return _atomic(path, write)
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

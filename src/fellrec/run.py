@@ -7,7 +7,8 @@ selected adapter -> files:
 - ``config.yaml``: the full resolved config;
 - ``metrics.jsonl``: one JSON line per round (losses, validation metrics per client, bytes);
 - ``results.json``: ``overall``, ``clients``, ``imbalance`` (see ``fellrec.metrics.summarize``),
-  ``communication``, ``time_s``, the per-client selected rounds and the sample counts;
+  ``communication``, ``time_s`` (the whole run: data, rounds, test) and ``train_time_s`` (the rounds,
+  with validation), the per-client selected rounds and the sample counts;
 - ``adapters/``: each client's selected adapter, and the global one where the algorithm has one;
 - ``report.md`` and ``plots/*.png`` (see ``fellrec.report``).
 
@@ -23,13 +24,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fellrec.adapters import add_lora, get_adapter
@@ -40,9 +39,11 @@ from fellrec.client import AdapterTrainer, derive_seed
 from fellrec.config import Config, dump, load_config, to_dict
 from fellrec.errors import ConfigError
 from fellrec.evaluate import evaluate
+from fellrec.files import save_tensors, write_text
 from fellrec.llm import load_base, model_id
 from fellrec.metrics import metric_keys, summarize
 from fellrec.pipeline import Prepared, prepare
+from fellrec.report import write_report
 from fellrec.runtime.checkpoint import NAME as CHECKPOINT
 from fellrec.runtime.embedded import EmbeddedRuntime, plain
 from fellrec.split import Samples
@@ -83,6 +84,7 @@ def run(cfg: Config, runs_dir: str | Path = "runs", progress: bool = True, resum
         per_user, extra = reference_run(cfg, p, test, out, progress)
     else:
         per_user, extra = federated_run(cfg, p, test, out, progress)
+        started -= extra.pop("earlier_s")  # a resumed run counts the rounds of the processes before
     results = {
         "name": cfg.name,
         "algorithm": cfg.train.algorithm,
@@ -92,14 +94,10 @@ def run(cfg: Config, runs_dir: str | Path = "runs", progress: bool = True, resum
         "client_names": {str(c): n for c, n in enumerate(p.partition.names)},
         **extra,
     }
-    results.setdefault("time_s", round(time.time() - started, 1))
+    results["time_s"] = round(time.time() - started, 1)
     write_text(out / "results.json", json.dumps(plain(results), indent=2))
     if (out / CHECKPOINT).exists():
         os.unlink(out / CHECKPOINT)  # everything it held is in the finished files now
-    try:
-        from fellrec.report import write_report
-    except ImportError:  # the report module arrives with the plotting dependencies
-        return out
     write_report(out)
     return out
 
@@ -171,13 +169,25 @@ def build_backbone(cfg: Config, p: Prepared) -> BIGRec | TextRanker:
     titles = p.dataset.items["title"].astype(str).tolist()
     prompt = Prompt.for_dataset(p.dataset.name, m.prompt_item, m.prompt_items, m.prompt_verb)
     tok, base = load_base(m.name_or_path, texts=[*titles, prompt.instruction(titles[:10])], seed=cfg.seed)
-    model = add_lora(base, m.lora, seed=cfg.seed)
+    model = add_lora(base, m.lora, seed=cfg.seed).to(pick_device(m.device))
     key = model_id(m.name_or_path, cfg.seed)
     if m.backbone == "bigrec":
         return BIGRec(model, tok, titles, prompt, max_len=m.max_len, train_on_inputs=m.train_on_inputs,
                       num_beams=m.num_beams, max_new_tokens=m.max_new_tokens, cache_key=key)
     return TextRanker(model, tok, titles, prompt, max_len=m.max_len, pooling=m.pooling, item_side=m.item_side,
                       negatives=m.negatives, temperature=m.temperature, seed=cfg.seed, cache_key=key)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device: {name} asked for, but this torch sees no GPU (torch {torch.__version__}); "
+                          "use model.device=cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"model.device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
 
 
 def selection_metric(cfg: Config) -> str:
@@ -236,7 +246,8 @@ def federated_run(cfg: Config, p: Prepared, test: Samples, out: Path, progress: 
             "per_client": {c: {"bytes_up": runtime.bytes_up[c], "bytes_down": runtime.bytes_down[c]}
                            for c in trainers},
         },
-        "time_s": round(runtime.elapsed, 1),
+        "train_time_s": round(runtime.elapsed, 1),
+        "earlier_s": runtime.restored_elapsed,
         "rounds": t.rounds,
         "steps_per_round": {c: tr.steps_per_round for c, tr in trainers.items()},
         "select_by": select_by,
@@ -283,24 +294,6 @@ def train_sasrec(cfg: Config, p: Prepared, train: Samples, valid: Samples, out: 
 
 
 # ---- files -------------------------------------------------------------------------------------
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename, so a half-written file never replaces a good one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors file written atomically (temporary name, then rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def run_from_dir(run_dir: str | Path, progress: bool = True) -> Path:

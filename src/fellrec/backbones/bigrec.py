@@ -63,7 +63,7 @@ class BIGRec:
     def loss(self, batch: Samples) -> Tensor:
         ex = self.examples(batch)
         states = text.hidden(self.model, ex)  # [B, T, H]
-        labels = ex["labels"][:, 1:]  # position t predicts token t+1
+        labels = ex["labels"][:, 1:].to(states.device)  # position t predicts token t+1
         keep = labels != -100
         logits = text.lm_head(self.model)(states[:, :-1][keep])  # [n_labelled, vocab]
         return F.cross_entropy(logits, labels[keep])
@@ -75,7 +75,8 @@ class BIGRec:
         """The title the model writes for each sample (beam search from the instruction prompt)."""
         ids = [self._ids(self.prompt.instruction([self.titles[i] for i in h]))[-self.max_len:]
                for h in batch.history]
-        inputs = text.pad(ids, self.tok.pad_token_id, left=True)
+        dev = text.device_of(self.model)
+        inputs = {k: v.to(dev) for k, v in text.pad(ids, self.tok.pad_token_id, left=True).items()}
         out = self.model.generate(**inputs, num_beams=self.num_beams, do_sample=False,
                                   max_new_tokens=self.max_new_tokens, eos_token_id=self.tok.eos_token_id,
                                   pad_token_id=self.tok.pad_token_id)
@@ -96,7 +97,7 @@ class BIGRec:
                 self._item_emb = self.embed(self.titles)
             else:
                 key = "\n".join([self.cache_key, "last", str(self.max_len), *self.titles])
-                self._item_emb = text.cached(key, lambda: self.embed(self.titles))
+                self._item_emb = text.cached(key, lambda: self.embed(self.titles)).to(text.device_of(self.model))
         return self._item_emb
 
     @torch.no_grad()

@@ -69,7 +69,7 @@ class TextRanker:
                 if self.item_side == "frozen" and self.cache_key is not None:
                     key = "\n".join([self.cache_key, self.pooling, str(self.max_len), *self.titles])
                     raw = text.cached(key, lambda: self._encode(self.titles, adapter=False))
-                    self._items = F.normalize(raw, dim=-1)
+                    self._items = F.normalize(raw.to(text.device_of(self.model)), dim=-1)
                 else:
                     self._items = self.item_vectors()
         return self._items
@@ -85,17 +85,17 @@ class TextRanker:
 
     def loss(self, batch: Samples) -> Tensor:
         u = self.user_vectors(batch)  # [B, H]
-        targets = torch.as_tensor(np.array([int(t[0]) for t in batch.targets]), dtype=torch.long)
+        targets = torch.as_tensor(np.array([int(t[0]) for t in batch.targets]), dtype=torch.long, device=u.device)
         if self.negatives <= 0:  # the whole catalogue
             items = self.item_table() if self.item_side == "frozen" else self.item_vectors()
             return F.cross_entropy(u @ items.T / self.temperature, targets)
         drawn = self.rng.integers(0, len(self.titles), self.negatives)
-        candidates, index = np.unique(np.concatenate([targets.numpy(), drawn]), return_inverse=True)
+        candidates, index = np.unique(np.concatenate([targets.cpu().numpy(), drawn]), return_inverse=True)
         if self.item_side == "frozen":
-            items = self.item_table()[torch.as_tensor(candidates)]
+            items = self.item_table()[torch.as_tensor(candidates, device=u.device)]
         else:
             items = self.item_vectors(candidates.tolist())
-        labels = torch.as_tensor(index[:len(targets)], dtype=torch.long)
+        labels = torch.as_tensor(index[:len(targets)], dtype=torch.long, device=u.device)
         return F.cross_entropy(u @ items.T / self.temperature, labels)
 
     @torch.no_grad()

@@ -42,9 +42,14 @@ def pad(ids: list[list[int]], pad_id: int, left: bool = False) -> dict[str, Tens
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Last hidden layer [B, T, H] of right-padded ``batch``."""
-    return decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+    """Last hidden layer [B, T, H] of right-padded ``batch`` (on the model's device)."""
+    dev = device_of(model)
+    return decoder(model)(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
                           use_cache=False).last_hidden_state
 
 
@@ -61,7 +66,7 @@ def pool(states: Tensor, mask: Tensor, how: str) -> Tensor:
 
 def encode(model: nn.Module, tok, texts: list[str], *, max_len: int, pooling: str = "last",
            batch_size: int = 64) -> Tensor:
-    """Pooled last-layer vectors [N, H] of ``texts`` (with gradients if enabled).
+    """Pooled last-layer vectors [N, H] of ``texts``, on the model's device (with gradients if enabled).
 
     Texts are batched in order of length, so a batch pads little (titles run from 3 to 40 tokens);
     the result is in the order of ``texts``.
@@ -73,9 +78,10 @@ def encode(model: nn.Module, tok, texts: list[str], *, max_len: int, pooling: st
     out = []
     for start in range(0, len(order), batch_size):
         batch = pad([ids[i] for i in order[start:start + batch_size]], tok.pad_token_id)
-        out.append(pool(hidden(model, batch), batch["attention_mask"], pooling))
+        states = hidden(model, batch)
+        out.append(pool(states, batch["attention_mask"].to(states.device), pooling))
     vectors = torch.cat(out)
-    return vectors[torch.argsort(torch.as_tensor(order))]
+    return vectors[torch.argsort(torch.as_tensor(order, device=vectors.device))]
 
 
 def cached(key: str, compute) -> Tensor:
@@ -95,6 +101,6 @@ def cached(key: str, compute) -> Tensor:
     vectors = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"vectors": vectors.detach().contiguous()}, tmp)
+    save_file({"vectors": vectors.detach().cpu().contiguous()}, tmp)
     os.replace(tmp, path)
     return vectors

@@ -9,31 +9,19 @@ checkpoint intact.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
+
+from fellrec.files import save_tensors
 
 NAME = "checkpoint.safetensors"
 
 
 def save_checkpoint(run_dir: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
-    path = Path(run_dir) / NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{NAME}.", dir=path.parent)
-    os.close(fd)
-    try:
-        # safetensors refuses tensors that share memory; a contiguous copy of each is small (adapters)
-        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp,
-                  metadata={"fellrec": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return save_tensors(Path(run_dir) / NAME, tensors, metadata={"fellrec": json.dumps(meta)})
 
 
 def load_checkpoint(run_dir: Path) -> tuple[dict[str, Tensor], dict[str, Any]] | None:

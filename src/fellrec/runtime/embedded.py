@@ -76,7 +76,8 @@ class EmbeddedRuntime:
         self.progress = progress
         self.bytes_up = dict.fromkeys(trainers, 0)
         self.bytes_down = dict.fromkeys(trainers, 0)
-        self.elapsed = 0.0
+        self.elapsed = 0.0  # seconds spent in rounds, over every process that worked on this run
+        self.restored_elapsed = 0.0  # the part of it spent before this process resumed the run
         self.done = 0  # rounds finished
 
     @property
@@ -171,6 +172,7 @@ class EmbeddedRuntime:
         for client, evaluator in self._stateful().items():
             evaluator.load_state(section(tensors, f"client/{client}"), meta["clients"][client])
         self.done, self.elapsed = meta["round"], meta["elapsed"]
+        self.restored_elapsed = self.elapsed
         self.bytes_up, self.bytes_down = meta["bytes_up"], meta["bytes_down"]
         with open(self.log_path, "r+b") as fh:  # forget the lines of the round that was cut short
             fh.truncate(meta["log_size"])
