@@ -87,6 +87,21 @@ def test_local_clients_train_apart_and_send_nothing(tmp_path):
     assert not all(torch.equal(a[k], b[k]) for k in lora_b)  # two private adapters
 
 
+def test_fellrec_logs_its_balance_and_keeps_personal_adapters(tmp_path):
+    out = run(load_config(None, [*FAST, "name=fl", "train.algorithm=fellrec", "train.rounds=2"]), tmp_path, False)
+    rounds = lines(out / "metrics.jsonl")
+    for r in rounds:
+        st = r["strategy"]
+        assert st["clients"] == ["0", "1"] and len(st["similarity"]) == 2 and len(st["similarity"][0]) == 2
+        assert st["loss"] == [r["train"][c]["loss"] for c in ("0", "1")]
+        assert sum(st["p"]) == pytest.approx(1.0) and all(0 < w <= 1 for w in st["w"])
+    res = json.loads((out / "results.json").read_text())
+    assert res["communication"]["bytes_up"] > 0 and not (out / "adapters" / "global.safetensors").exists()
+    a, b = (load_file(out / "adapters" / f"client-{c}.safetensors") for c in ("0", "1"))
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    assert {"similarity.png", "heating.png"} <= {p.name for p in (out / "plots").iterdir()}
+
+
 def test_centralized_trains_one_pooled_adapter_with_the_same_budget(tmp_path):
     out = run(load_config(None, [*FAST, "name=c", "train.algorithm=centralized", "train.rounds=1"]), tmp_path, False)
     (r,) = lines(out / "metrics.jsonl")
@@ -152,7 +167,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("algorithm", ["fedavg", "local"])
+@pytest.mark.parametrize("algorithm", ["fedavg", "local", "fellrec"])
 def test_resume_after_a_kill_mid_round_ends_like_an_uninterrupted_run(tmp_path, algorithm):
     sets = [*FAST, f"train.algorithm={algorithm}", "train.rounds=3", "train.local_steps=3", "eval.every=1"]
     args = [a for s in sets for a in ("--set", s)]

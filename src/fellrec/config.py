@@ -132,14 +132,15 @@ class ModelConfig:
     sasrec_epochs: int = opt(30, "sasrec: training epochs (best validation epoch kept)")
 
 
-ALGORITHMS = ("centralized", "local", "fedavg", "fedprox")
+ALGORITHMS = ("centralized", "local", "fedavg", "fedprox", "fellrec")
 
 
 @dataclass
 class TrainConfig:
     algorithm: str = opt("fedavg", "centralized: one adapter on the union of all clients' samples (the "
                          "upper bound); local: each client alone; fedavg: sample-weighted mean of the "
-                         "clients' adapters; fedprox: fedavg plus a proximal term", choices=ALGORITHMS)
+                         "clients' adapters; fedprox: fedavg plus a proximal term; fellrec: FELLRec's "
+                         "dynamic balance (a personal adapter per client)", choices=ALGORITHMS)
     rounds: int = opt(4, "communication rounds (0 evaluates the untrained adapter)")
     local_steps: int = opt(25, "optimizer steps of each client per round (centralized: this times the "
                            "clients per round, the same budget)")
@@ -156,6 +157,20 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0 = off)")
     max_train_samples: int | None = opt(None, "train each client on a seeded random subset of this many of "
                                         "its samples (BIGRec in FELLRec: 1024); null uses all")
+
+
+@dataclass
+class FellrecConfig:
+    alpha: float = opt(0.7, "heating scale α in w_i = tanh(α / p_i^(t + 1/β))")
+    beta: float = opt(5.0, "heating rate β: the exponent t + 1/β grows with the round t (0-based)")
+    tau: float = opt(0.05, "temperature τ of p = softmax(loss / τ) over the clients' mean training losses")
+    heating: bool = opt(True, "curriculum heating on; off sets every w_i = 1 (the released BIGRec script, "
+                        "whose β = 1 skips it)")
+    similarity: str = opt("cosine", "weights between clients: (cos(θ_i, θ_j) + 1) / 2, or uniform (all 1)",
+                          choices=("cosine", "uniform"))
+    order: str = opt("snapshot", "aggregate every client from the same snapshot, or sequentially in place "
+                     "as the released code (client i sees 0..i-1 already aggregated)",
+                     choices=("snapshot", "sequential"))
 
 
 @dataclass
@@ -182,6 +197,7 @@ class Config:
     partition: PartitionConfig = opt(PartitionConfig(), "how users are grouped into clients")
     model: ModelConfig = opt(ModelConfig(), "the recommender: base LM, adapter and backbone")
     train: TrainConfig = opt(TrainConfig(), "how the recommender is trained")
+    fellrec: FellrecConfig = opt(FellrecConfig(), "FELLRec's dynamic balance (train.algorithm=fellrec)")
     eval: EvalConfig = opt(EvalConfig(), "validation and test")
 
     def validate(self) -> list[str]:
@@ -212,6 +228,8 @@ class Config:
             problems.append(f"train.client_fraction: must be in (0, 1], got {t.client_fraction}")
         if t.batch_size < 1:
             problems.append(f"train.batch_size: must be at least 1, got {t.batch_size}")
+        if self.fellrec.tau <= 0 or self.fellrec.beta <= 0:
+            problems.append(f"fellrec.tau, fellrec.beta: must be positive, got {self.fellrec.tau}, {self.fellrec.beta}")
         if self.eval.every < 0:
             problems.append(f"eval.every: must be 0 (only after the last round) or more, got {self.eval.every}")
         reference = self.model.backbone in ("sasrec", "most-popular")

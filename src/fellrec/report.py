@@ -269,7 +269,8 @@ def write_report(run_dir: str | Path) -> Path:
     plots = run.path / "plots"
     plots.mkdir(exist_ok=True)
     images = [p for p in (plot_clients(run, plots / "clients.png"), plot_convergence(run, plots / "convergence.png"),
-                          plot_imbalance(run, plots / "imbalance.png")) if p is not None]
+                          plot_imbalance(run, plots / "imbalance.png"), plot_similarity(run, plots / "similarity.png"),
+                          plot_heating(run, plots / "heating.png")) if p is not None]
     out = run.path / "report.md"
     write_text(out, render_report(run, [p.relative_to(run.path) for p in images]))
     return out
@@ -282,9 +283,23 @@ def render_report(run: Run, images: Sequence[Path] = ()) -> str:
              "## Clients (test)", clients_table(run),
              "## Imbalance across clients (test)", imbalance_table(run),
              f"## Rounds (validation by {run.select_by})", rounds_table(run)]
+    if balance_rounds(run):
+        parts += ["## Dynamic balance (heating weight w_i per round; p_i in brackets)", balance_table(run)]
     if images:
         parts += ["## Plots", "\n\n".join(f"![{p.stem}]({p.as_posix()})" for p in images)]
     return "\n\n".join(parts) + "\n"
+
+
+def balance_table(run: Run) -> str:
+    rounds = balance_rounds(run)
+    clients = sort_ids({c for r in rounds for c in r["clients"]})
+    rows = []
+    for r in rounds:
+        cells = dict.fromkeys(clients, MISSING)
+        for c, w, p in zip(r["clients"], r["w"], r["p"], strict=True):
+            cells[c] = f"{fmt(w, 3)} ({fmt(p, 3)})"
+        rows.append([str(r["round"]), *cells.values()])
+    return markdown_table(["round", *(run.client_name(c) for c in clients)], rows)
 
 
 def settings_line(run: Run) -> str:
@@ -383,6 +398,56 @@ def plot_imbalance(run: Run, path: Path) -> Path | None:
     for ax in (left, right):
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(f"{run.name}: validation imbalance")
+    return _save(fig, path)
+
+
+def balance_rounds(run: Run) -> list[dict[str, Any]]:
+    """FELLRec's per-round records (similarity, p, w), with their round number."""
+    out = []
+    for r in run.rounds:
+        st = r.get("strategy") or {}
+        if "similarity" in st and "w" in st:
+            out.append({"round": r["round"], **st})
+    return out
+
+
+def plot_similarity(run: Run, path: Path) -> Path | None:
+    """Heat maps of the clients' adapter similarity s_ij in the first and the last round (FELLRec)."""
+    rounds = balance_rounds(run)
+    if not rounds:
+        return None
+    shown = [rounds[0]] if len(rounds) == 1 else [rounds[0], rounds[-1]]
+    fig, axes = _figure(6.0 * len(shown), ncols=len(shown))
+    axes = [axes] if len(shown) == 1 else list(axes)
+    for ax, r in zip(axes, shown, strict=True):
+        labels = [run.client_name(c) for c in r["clients"]]
+        image = ax.imshow(r["similarity"], vmin=min(min(row) for row in r["similarity"]), vmax=1.0, cmap="viridis")
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+        ax.set_yticks(range(len(labels)), labels)
+        for i, row in enumerate(r["similarity"]):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="white", fontsize=8)
+        ax.set_title(f"round {r['round']}")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.suptitle(f"{run.name}: adapter similarity (cos + 1) / 2")
+    return _save(fig, path)
+
+
+def plot_heating(run: Run, path: Path) -> Path | None:
+    """Each client's curriculum-heating weight w_i and loss share p_i per round (FELLRec)."""
+    rounds = balance_rounds(run)
+    if not rounds:
+        return None
+    fig, (left, right) = _figure(12.0, ncols=2)
+    series_w: dict[str, list[tuple[int, float]]] = {}
+    series_p: dict[str, list[tuple[int, float]]] = {}
+    for r in rounds:
+        for c, w, p in zip(r["clients"], r["w"], r["p"], strict=True):
+            series_w.setdefault(c, []).append((r["round"], w))
+            series_p.setdefault(c, []).append((r["round"], p))
+    _lines(left, run, series_w, "heating weight w")
+    _lines(right, run, series_p, "p = softmax(loss / τ)")
+    fig.suptitle(f"{run.name}: curriculum heating")
     return _save(fig, path)
 
 

@@ -218,7 +218,7 @@ def federated_run(cfg: Config, p: Prepared, test: Samples, out: Path, progress: 
                                            **common)}
     else:
         trainers = clients
-    strategy = make_strategy(t.algorithm, initial, list(trainers), prox_mu=t.prox_mu)
+    strategy = make_strategy(t.algorithm, initial, list(trainers), prox_mu=t.prox_mu, **to_dict(cfg)["fellrec"])
     runtime = EmbeddedRuntime(strategy, trainers, clients, rounds=t.rounds,
                               client_fraction=1.0 if t.algorithm == "centralized" else t.client_fraction,
                               eval_every=e.every, seed=cfg.seed, run_dir=out, progress=progress)

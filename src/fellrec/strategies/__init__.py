@@ -8,9 +8,10 @@ from fellrec.strategies.base import ClientUpdate, Payload, Strategy, Tensors, we
 from fellrec.strategies.centralized import POOLED, Centralized
 from fellrec.strategies.fedavg import FedAvg
 from fellrec.strategies.fedprox import FedProx
+from fellrec.strategies.fellrec import FELLRec
 from fellrec.strategies.local import Local
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Centralized, Local, FedAvg, FedProx)}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Centralized, Local, FedAvg, FedProx, FELLRec)}
 
 __all__ = ["POOLED", "STRATEGIES", "ClientUpdate", "Payload", "Strategy", "Tensors", "make_strategy",
            "weighted_mean"]
