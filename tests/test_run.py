@@ -251,3 +251,10 @@ def test_device_choice():
             pick_device("cuda")
     with pytest.raises(ConfigError, match=r"model\.device: 'gpu' is not a device"):
         pick_device("gpu")
+
+
+def test_sgd_optimizer_trains_too(tmp_path):
+    out = run(load_config(None, [*FAST, "name=sgd", "train.optimizer=sgd", "train.lr=0.5", "train.rounds=1",
+                                 "eval.every=0"]), tmp_path, False)
+    final = load_file(out / "adapters" / "global.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in final.items() if "lora_B" in k)

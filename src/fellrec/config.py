@@ -149,8 +149,10 @@ class TrainConfig:
     client_fraction: float = opt(1.0, "share of the clients drawn (seeded) to train in each round")
     prox_mu: float = opt(0.01, "fedprox: weight μ of the proximal term (μ/2)·||w − w_global||²")
     batch_size: int = opt(8, "samples per step")
-    lr: float = opt(5e-4, "AdamW learning rate")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
+    optimizer: str = opt("adamw", "local optimizer, new in every round (as FELLRec's code): AdamW, or SGD "
+                         "with momentum 0.9", choices=("adamw", "sgd"))
+    lr: float = opt(5e-4, "learning rate")
+    weight_decay: float = opt(0.0, "weight decay (decoupled for AdamW)")
     warmup_steps: int = opt(0, "linear warm-up steps, in the first round only (as FELLRec)")
     schedule: str = opt("linear", "learning rate after warm-up within a round: linear decay to 0 (restarted "
                         "every round, as FELLRec), or constant", choices=("linear", "constant"))

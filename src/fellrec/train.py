@@ -17,9 +17,12 @@ from fellrec.split import Samples
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, total_steps: int, warmup: bool = True):
-    """AdamW with linear warm-up (when ``warmup``), then linear decay to 0 (or constant) over
-    ``total_steps``."""
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """AdamW (or SGD with momentum) with linear warm-up (when ``warmup``), then linear decay to 0 (or
+    constant) over ``total_steps``."""
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup, total = (cfg.warmup_steps if warmup else 0), max(1, total_steps)
 
     def factor(step: int) -> float:
