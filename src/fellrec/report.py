@@ -426,9 +426,11 @@ def plot_similarity(run: Run, path: Path) -> Path | None:
         ax.set_yticks(range(len(labels)), labels)
         for i, row in enumerate(r["similarity"]):
             for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="white", fontsize=8)
+                ax.text(j, i, f"{v:.5f}", ha="center", va="center", color="white", fontsize=8)
         ax.set_title(f"round {r['round']}")
-        fig.colorbar(image, ax=ax, shrink=0.8)
+        bar = fig.colorbar(image, ax=ax, shrink=0.8)
+        bar.formatter.set_useOffset(False)  # similarities near 1 differ in the 4th decimal
+        bar.update_ticks()
     fig.suptitle(f"{run.name}: adapter similarity (cos + 1) / 2")
     return _save(fig, path)
 
