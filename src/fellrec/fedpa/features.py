@@ -316,7 +316,7 @@ def split_users(ds: Dataset, public: np.ndarray, *, ratios=(0.6, 0.2, 0.2), min_
     r = np.asarray(ratios, dtype=np.float64)
     if len(r) != 3 or (r < 0).any() or r.sum() <= 0:
         raise ConfigError(f"fedpa.split ratios must be three non-negative numbers, got {list(ratios)}")
-    r_train, r_valid, r_test = r / r.sum()
+    _, r_valid, r_test = r / r.sum()
     inter = ds.interactions
     users = inter["user"].to_numpy()
     size = np.bincount(users, minlength=ds.num_users)

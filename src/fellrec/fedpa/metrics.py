@@ -58,7 +58,7 @@ def ctr_metrics(pred: np.ndarray, label: np.ndarray, users: np.ndarray | None = 
     """Every metric above over one pooled sample set (GAUC needs ``users``, the user of each sample)."""
     pred = np.asarray(pred, dtype=np.float64)
     label = np.asarray(label, dtype=np.float64)
-    out = {"n": int(len(label)), "auc": auc(pred, label), "logloss": logloss(pred, label)}
+    out = {"n": len(label), "auc": auc(pred, label), "logloss": logloss(pred, label)}
     if len(label):
         p, r, f, _ = precision_recall_fscore_support(label.astype(int), (pred > 0.5).astype(int), average="weighted",
                                                      labels=[0, 1], zero_division=0)

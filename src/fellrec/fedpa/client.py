@@ -1,0 +1,321 @@
+"""FedPA's client side: ``FedPATrainer`` is one private user (one client), and ``build_federation``
+sets up the strategy and every user's trainer for FedPA or one of its baselines.
+
+Every trainer points at the SAME ``FedPAModel`` (one frozen foundation model in memory); a
+client's own state is a few small tensors (its user-attribute embedding rows and user adapter for
+FedPA), kept here and passed to the model per call. The trainer follows the runtime's
+ClientTrainer protocol (``fellrec.client.AdapterTrainer``): ``steps_per_round``,
+``fit(payload, rnd, on_step)``, ``evaluate(payload, rnd)``, ``test()``, ``state()``/``load_state()``.
+
+- ``fit``: tensors = defaults, overridden by the client's own, overridden by the payload's; one
+  fresh Adam (as the released code) for ``local_epochs`` passes over the user's train interactions
+  in batches of ``batch_size`` (one batch for almost every user); afterwards the client keeps the
+  tensors the server did not send and, when ``share``, uploads the ones it did, with
+  Laplace(0, ``ldp_scale``) noise added when the payload's config (or the trainer) sets a scale.
+- ``evaluate``: predicts the user's validation AND test interactions with the payload's tensors
+  and keeps both per round (a few floats per interaction), so test metrics can be reported for
+  the round chosen on validation only (``pooled_selection``: pooled validation AUC, as the
+  released code selects) or for the client's own best round (``best_round``, by ``select_by``
+  on its own validation samples: ``logloss`` by default, since one user's AUC is often undefined).
+
+Training is reproducible from (seed, round, client): the batch order and the LDP noise come from
+a generator seeded with them (the recipe of ``fellrec.client.derive_seed``).
+
+Algorithms (``ALGORITHMS``: model variant, server strategy):
+
+- ``fedpa``: FedPA (``fellrec.strategies.fedpa.FedPA``);
+- ``fedavg-adapter``: one LoRA adapter per hidden layer plus the output layer, shared by FedAvg;
+  the user-attribute embedding rows stay private, as in FedPA;
+- ``fedavg-full``: the whole foundation model, FedAvg (``fellrec.strategies.fedavg.FedAvg``);
+- ``local``: each user fine-tunes the whole foundation model alone (``Local``);
+- ``local-fedpa``: FedPA's model trained alone (nothing shared);
+- ``frozen``: the pre-trained model, no training (run it with 0 rounds, or any number).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fellrec.data.tables import Dataset
+from fellrec.fedpa.features import FeatureTable, UserSplit
+from fellrec.fedpa.metrics import auc, ctr_metrics, logloss
+from fellrec.fedpa.model import CTRModel, FedPAModel, Tensors
+from fellrec.strategies.base import ClientUpdate, Payload, Strategy
+from fellrec.strategies.fedavg import FedAvg
+from fellrec.strategies.fedpa import FedPA
+from fellrec.strategies.local import Local
+
+ALGORITHMS: dict[str, tuple[str, str]] = {
+    "fedpa": ("fedpa", "fedpa"),
+    "fedavg-adapter": ("adapter", "fedavg"),
+    "fedavg-full": ("full", "fedavg"),
+    "local": ("full", "local"),
+    "local-fedpa": ("fedpa", "local"),
+    "frozen": ("frozen", "local"),
+}
+
+
+def derive_seed(seed: int, rnd: int, client: str) -> int:
+    """A 31-bit seed for one client in one round (the recipe of ``fellrec.client.derive_seed``)."""
+    return int(np.random.SeedSequence([seed, rnd, zlib.crc32(client.encode())]).generate_state(1)[0] >> 1)
+
+
+def laplace(shape, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Laplace(0, scale) samples by inverting the CDF of a uniform draw in (−1/2, 1/2)."""
+    u = torch.rand(shape, generator=generator, dtype=torch.float64) - 0.5
+    return (-scale * torch.sign(u) * torch.log1p(-2 * u.abs()).clamp_min(-745.0)).to(torch.float32)
+
+
+@dataclass
+class ClientData:
+    """One user's interactions: item ids and 0/1 labels of each part, in time order."""
+
+    train_items: torch.Tensor
+    train_labels: torch.Tensor
+    valid_items: torch.Tensor
+    valid_labels: torch.Tensor
+    test_items: torch.Tensor
+    test_labels: torch.Tensor
+
+
+def client_data(ds: Dataset, feats: FeatureTable, split: UserSplit) -> dict[int, ClientData]:
+    """Every private user's ClientData, keyed by dense user id (built with one sort, no per-row Python)."""
+    users = ds.interactions["user"].to_numpy()
+    items = ds.interactions["item"].to_numpy()
+    parts = {}
+    for name, rows in (("train", split.train_rows), ("valid", split.valid_rows), ("test", split.test_rows)):
+        rows = rows[np.argsort(users[rows], kind="stable")]
+        counts = np.bincount(users[rows], minlength=ds.num_users)
+        cuts = np.cumsum(counts)[:-1]
+        parts[name] = (np.split(items[rows], cuts), np.split(feats.label[rows], cuts))
+    out = {}
+    for u in split.private_users:
+        out[int(u)] = ClientData(*(torch.from_numpy(np.ascontiguousarray(arr[u])) for name in ("train", "valid", "test")
+                                   for arr in parts[name]))
+    return out
+
+
+class FedPATrainer:
+    """ClientTrainer of one user over the shared FedPAModel."""
+
+    def __init__(self, client: str, model: FedPAModel, data: ClientData, user_codes: torch.Tensor, *,
+                 variant: str = "fedpa", defaults: Tensors | None = None, lr: float = 0.01, batch_size: int = 1024,
+                 local_epochs: int = 1, seed: int = 0, select_by: str = "logloss", ldp_scale: float = 0.0):
+        if select_by not in ("logloss", "auc"):
+            raise ValueError(f"select_by must be 'logloss' or 'auc', got {select_by!r}")
+        self.client, self.model, self.data, self.variant = client, model, data, variant
+        self.user_codes = user_codes.to(torch.long)
+        self.defaults = defaults or {}
+        self.lr, self.batch_size, self.local_epochs = lr, batch_size, local_epochs
+        self.seed, self.select_by, self.ldp_scale = seed, select_by, ldp_scale
+        n = len(data.train_items)
+        self.num_train = n
+        self.steps_per_round = 0 if variant == "frozen" or n == 0 else local_epochs * math.ceil(n / batch_size)
+        self.own: Tensors | None = None  # created on first use (from the pre-trained rows and the client's seed)
+        self.rounds: list[int] = []
+        self.valid_preds: list[np.ndarray] = []
+        self.test_preds: list[np.ndarray] = []
+        self.best_round = 0
+        self.best_score: float | None = None
+
+    def _own(self) -> Tensors:
+        if self.own is None:
+            self.own = self.model.private_initial(self.variant, self.user_codes, derive_seed(self.seed, 0, self.client))
+        return self.own
+
+    # ---- ClientTrainer -------------------------------------------------------------------------
+
+    def fit(self, payload: Payload, rnd: int, on_step=None) -> ClientUpdate:
+        start = {**self.defaults, **self._own(), **payload.tensors}
+        share = payload.config.get("share", True)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, rnd, self.client))
+        losses = []
+        if self.steps_per_round:
+            params = {k: v.detach().clone().requires_grad_(True) for k, v in start.items()}
+            optimizer = torch.optim.Adam(list(params.values()), lr=self.lr)
+            items, labels = self.data.train_items, self.data.train_labels
+            n, step = len(items), 0
+            for _ in range(self.local_epochs):
+                order = torch.randperm(n, generator=gen)
+                for s in range(0, n, self.batch_size):
+                    idx = order[s:s + self.batch_size]
+                    logits = self.model.logits(self.variant, params, self.user_codes, items[idx])
+                    loss = F.binary_cross_entropy_with_logits(logits, labels[idx])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(float(loss))
+                    if on_step is not None:
+                        on_step(step, losses[-1])
+                    step += 1
+            trained = {k: v.detach() for k, v in params.items()}
+        else:
+            trained = dict(start)
+        sent = payload.tensors.keys()
+        self.own = {k: v for k, v in trained.items() if not (share and k in sent)}
+        upload = {k: trained[k] for k in sent} if share else {}
+        scale = float(payload.config.get("ldp_scale", self.ldp_scale))
+        if upload and scale > 0:
+            upload = {k: v + laplace(v.shape, scale, gen) for k, v in upload.items()}
+        metrics = {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": len(losses)}
+        return ClientUpdate(self.client, upload, self.num_train, metrics)
+
+    @torch.no_grad()
+    def predict(self, payload: Payload, items: torch.Tensor) -> np.ndarray:
+        params = {**self.defaults, **self._own(), **payload.tensors}
+        return torch.sigmoid(self.model.logits(self.variant, params, self.user_codes, items)).numpy()
+
+    def evaluate(self, payload: Payload, rnd: int) -> dict[str, float]:
+        """Validation metrics of this user under ``payload``; keeps the round's valid and test predictions."""
+        d = self.data
+        pred = self.predict(payload, torch.cat([d.valid_items, d.test_items]))
+        valid, test = pred[:len(d.valid_items)], pred[len(d.valid_items):]
+        if rnd in self.rounds:  # a repeated evaluation of a round replaces it
+            i = self.rounds.index(rnd)
+            del self.rounds[i], self.valid_preds[i], self.test_preds[i]
+        self.rounds.append(rnd)
+        self.valid_preds.append(valid.astype(np.float32))
+        self.test_preds.append(test.astype(np.float32))
+        labels = d.valid_labels.numpy()
+        scores = {"logloss": logloss(valid, labels), "auc": auc(valid, labels), "n": len(labels)}
+        value = scores[self.select_by]
+        lower = self.select_by == "logloss"
+        better = not math.isnan(value) and (self.best_score is None or math.isnan(self.best_score)
+                                            or (value < self.best_score if lower else value > self.best_score))
+        if better or self.best_score is None:
+            self.best_score, self.best_round = value, rnd
+        return scores
+
+    def predictions(self, rnd: int, part: str = "test") -> np.ndarray:
+        """The stored predictions of round ``rnd`` on ``valid`` or ``test``."""
+        if rnd not in self.rounds:
+            raise KeyError(f"client {self.client} was not evaluated in round {rnd}")
+        store = self.test_preds if part == "test" else self.valid_preds
+        return store[self.rounds.index(rnd)]
+
+    def test(self, samples: Any = None, rnd: int | None = None) -> dict[str, np.ndarray]:
+        """Test predictions and labels of round ``rnd`` (default: this client's best validation round).
+
+        The trainer owns its test interactions, so ``samples`` must be None (it is accepted for the
+        runtime's ClientTrainer signature).
+        """
+        if samples is not None:
+            raise ValueError("FedPATrainer.test uses the user's own test interactions; pass samples=None")
+        r = self.best_round if rnd is None else rnd
+        return {"pred": self.predictions(r, "test"), "label": self.data.test_labels.numpy(), "round": np.array(r)}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def state(self) -> tuple[Tensors, dict[str, Any]]:
+        """Packed: the own tensors as one flat vector, the stored predictions as two matrices."""
+        own = self._own()
+        tensors = {"own": torch.cat([v.reshape(-1) for v in own.values()]) if own else torch.zeros(0)}
+        if self.rounds:
+            tensors["valid"] = torch.from_numpy(np.stack(self.valid_preds))
+            tensors["test"] = torch.from_numpy(np.stack(self.test_preds))
+        meta = {"own": [[k, list(v.shape)] for k, v in own.items()], "rounds": list(self.rounds),
+                "best_round": self.best_round, "best_score": self.best_score}
+        return tensors, meta
+
+    def load_state(self, tensors: Tensors, meta: dict[str, Any]) -> None:
+        flat, own, start = tensors["own"], {}, 0
+        for key, shape in meta["own"]:
+            size = math.prod(shape)
+            own[key] = flat[start:start + size].reshape(shape).clone()
+            start += size
+        self.own = own
+        self.rounds = list(meta["rounds"])
+        self.valid_preds = list(tensors["valid"].numpy()) if self.rounds else []
+        self.test_preds = list(tensors["test"].numpy()) if self.rounds else []
+        self.best_round, self.best_score = meta["best_round"], meta["best_score"]
+
+
+# ---- setting up a federation --------------------------------------------------------------------
+
+
+@dataclass
+class Federation:
+    strategy: Strategy
+    trainers: dict[str, FedPATrainer]
+    model: FedPAModel
+    variant: str
+    user_of: dict[str, int]
+    """The dense user id of each client."""
+
+
+def build_federation(ds: Dataset, feats: FeatureTable, split: UserSplit, base: CTRModel, *,
+                     algorithm: str = "fedpa", group_attributes: tuple[str, ...] | list[str] = (), rank: int = 4,
+                     alpha: float = 1.0, gate_hidden: tuple[int, ...] = (8, 4), zero_init: bool = False,
+                     lr: float = 0.01, batch_size: int = 1024, local_epochs: int = 1, ldp_scale: float = 0.0,
+                     weighting: str = "samples", select_by: str = "logloss", seed: int = 0) -> Federation:
+    """The strategy and one trainer per private user (client id = the user's original id as text)."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown FedPA algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+    variant, server = ALGORITHMS[algorithm]
+    groups = list(group_attributes) if variant == "fedpa" else []
+    cols = {attr: feats.user_field(attr) for attr in groups}
+    model = FedPAModel(base, torch.from_numpy(feats.item_codes),
+                       group_cards={a: len(feats.vocab[a]) for a in groups}, rank=rank, alpha=alpha,
+                       gate_hidden=gate_hidden, zero_init=zero_init)
+    data = client_data(ds, feats, split)
+    ids = ds.users["user_id"].to_numpy()
+    user_of = {str(ids[u]): u for u in data}
+    clients = list(user_of)
+    initial = model.shared_initial(variant, seed)
+    client_groups = {c: {a: int(feats.user_codes[u, j]) for a, j in cols.items()} for c, u in user_of.items()}
+    if server == "fedpa":
+        strategy: Strategy = FedPA(initial, clients, client_groups=client_groups, weighting=weighting,
+                                   ldp_scale=ldp_scale)
+    elif server == "fedavg":
+        strategy = FedAvg(initial, clients)
+    else:
+        strategy = Local(initial, clients)
+    view = FedPA(initial, clients, client_groups=client_groups) if variant == "fedpa" else None
+    trainers = {}
+    for c, u in user_of.items():
+        defaults = initial if view is None else view.client_tensors(c)  # references, no copies
+        trainers[c] = FedPATrainer(c, model, data[u], torch.from_numpy(feats.user_codes[u]), variant=variant,
+                                   defaults=defaults if server == "local" else {}, lr=lr, batch_size=batch_size,
+                                   local_epochs=local_epochs, seed=seed, select_by=select_by, ldp_scale=ldp_scale)
+    return Federation(strategy, trainers, model, variant, user_of)
+
+
+def pooled_selection(trainers: dict[str, FedPATrainer], select_by: str = "auc") -> dict[str, Any]:
+    """Pooled metrics of every evaluated round, and the test metrics of the best validation round.
+
+    Validation and test predictions of all clients are pooled per round (AUC, GAUC, logloss,
+    weighted P/R/F1); the round with the best pooled validation ``select_by`` (``auc``: highest;
+    ``logloss``: lowest) is selected, as the released code reports test AUC at the best-val round.
+    """
+    if select_by not in ("auc", "logloss", "gauc"):
+        raise ValueError(f"select_by must be auc, gauc or logloss, got {select_by!r}")
+    rounds = sorted(set.intersection(*(set(t.rounds) for t in trainers.values()))) if trainers else []
+    per_round: dict[int, dict[str, dict[str, float]]] = {}
+    for r in rounds:
+        per_round[r] = {}
+        for part in ("valid", "test"):
+            preds, labels, users = [], [], []
+            for i, t in enumerate(trainers.values()):
+                p = t.predictions(r, part)
+                preds.append(p)
+                labels.append((t.data.valid_labels if part == "valid" else t.data.test_labels).numpy())
+                users.append(np.full(len(p), i))
+            per_round[r][part] = ctr_metrics(np.concatenate(preds), np.concatenate(labels), np.concatenate(users))
+    if not per_round:
+        return {"best_round": None, "valid": {}, "test": {}, "rounds": {}}
+    sign = -1.0 if select_by == "logloss" else 1.0
+
+    def score(r: int) -> tuple[float, int]:
+        value = sign * per_round[r]["valid"][select_by]
+        return (-np.inf if math.isnan(value) else value, -r)
+
+    best = max(rounds, key=score)
+    return {"best_round": best, "valid": per_round[best]["valid"], "test": per_round[best]["test"],
+            "rounds": per_round}

@@ -1,0 +1,63 @@
+"""The client side of split execution: a decoder that runs the head and the tail here and the
+trunk through a transport, inside one autograd graph.
+
+``SplitDecoder`` is called like the whole model's decoder stack (``input_ids``, ``attention_mask``)
+and returns the last hidden layer, so the backbones (ranker, BIGRec) run on it unchanged;
+``loss.backward()`` sends the gradient at the trunk's output to the server and continues with the
+gradient it gets back. Labels, tokens and the loss never leave the client: only hidden states at
+the cut, the padding mask and positions go up, hidden states and gradients come back.
+"""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+from fellrec.storage.parts import ClientPart, positions
+from fellrec.storage.transport import Message, Transport
+
+
+class _Trunk(torch.autograd.Function):
+    """h_k -> the server's trunk -> h_{L-tail}; backward asks the server for the gradient at h_k."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor, link: SplitDecoder) -> Tensor:
+        request = next(link.requests)
+        train = torch.is_grad_enabled() or hidden.requires_grad
+        reply = link.transport.send(Message("forward", link.client, request, {
+            "hidden": hidden, "attention_mask": attention_mask, "position_ids": position_ids,
+            "train": torch.tensor(int(train))}))
+        ctx.link, ctx.request = link, request
+        return reply.tensors["hidden"].to(hidden.device)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        link = ctx.link
+        reply = link.transport.send(Message("backward", link.client, ctx.request, {"grad": grad}))
+        return reply.tensors["grad"].to(grad.device), None, None, None
+
+
+class SplitDecoder(torch.nn.Module):
+    def __init__(self, part: ClientPart, transport: Transport, client: str):
+        super().__init__()
+        self.part = part
+        self.transport = transport
+        self.client = client
+        self.requests = itertools.count()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, use_cache: bool = False, **_) -> SimpleNamespace:
+        pos = positions(attention_mask)
+        h = self.part.run_head(input_ids, attention_mask, pos)
+        if torch.is_grad_enabled() and not h.requires_grad:
+            # nothing trainable before the cut (k = 0, or no adapter there): a leaf that wants a
+            # gradient still makes autograd call the trunk's backward, which trains the trunk adapter
+            h = h.detach().requires_grad_(True)
+        h = _Trunk.apply(h, attention_mask, pos, self)
+        return SimpleNamespace(last_hidden_state=self.part.run_tail(h, attention_mask, pos))
+
+    def step(self) -> None:
+        """Tell the server to apply this client's trunk optimizer (after the local optimizer step)."""
+        self.transport.send(Message("step", self.client, next(self.requests)))

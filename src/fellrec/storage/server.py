@@ -1,0 +1,77 @@
+"""The server side of split execution: the trunk, with one trunk adapter per client.
+
+``forward`` runs the trunk on the client's hidden states (keeping the graph when training),
+``backward`` takes the gradient at the trunk's output, back-propagates through the trunk and
+returns the gradient at its input (the trunk adapter's gradients accumulate), and ``step`` applies
+the client's trunk optimizer and zeroes them. The client drives all three. Requests of one client
+are served in order; the trunk adapter is swapped in per request, so one trunk serves every client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from fellrec.storage.parts import TrunkPart, adapter_of, load_adapter
+from fellrec.storage.transport import Message
+
+
+class TrunkServer:
+    def __init__(self, trunk: TrunkPart, make_optimizer: Callable[[list[torch.nn.Parameter]], object] | None = None):
+        self.trunk = trunk
+        self.params = [p for p in trunk.parameters() if p.requires_grad]
+        self.initial = adapter_of(trunk)
+        self.adapters: dict[str, dict[str, Tensor]] = {}
+        self.make_optimizer = make_optimizer
+        self.optimizers: dict[str, object] = {}
+        self.pending: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
+        self.loaded: str | None = None
+
+    def adapter(self, client: str) -> dict[str, Tensor]:
+        """The client's trunk adapter (the common initial one until it trains)."""
+        if self.loaded == client:
+            self.adapters[client] = adapter_of(self.trunk)
+        return self.adapters.get(client, self.initial)
+
+    def set_adapter(self, client: str, tensors: dict[str, Tensor]) -> None:
+        """Replace the client's trunk adapter (after aggregation)."""
+        self.adapters[client] = {k: v.clone() for k, v in tensors.items()}
+        if self.loaded == client:
+            self.loaded = None
+
+    def _load(self, client: str) -> None:
+        if self.loaded != client:
+            if self.loaded is not None:
+                self.adapters[self.loaded] = adapter_of(self.trunk)
+            load_adapter(self.trunk, self.adapters.get(client, self.initial))
+            self.loaded = client
+
+    def handle(self, message: Message) -> Message:
+        c, r = message.client, message.request
+        if message.kind == "forward":
+            self._load(c)
+            t = message.tensors
+            train = bool(t["train"].item())
+            hidden = t["hidden"].requires_grad_(train)
+            with torch.set_grad_enabled(train):
+                out = self.trunk(hidden, t["attention_mask"], t["position_ids"])
+            if train:
+                self.pending[(c, r)] = (hidden, out)
+            return Message("forward", c, r, {"hidden": out.detach()})
+        if message.kind == "backward":
+            self._load(c)
+            hidden, out = self.pending.pop((c, r))
+            out.backward(message.tensors["grad"])
+            return Message("backward", c, r, {"grad": hidden.grad})
+        if message.kind == "step":
+            self._load(c)
+            if self.make_optimizer is not None:
+                if c not in self.optimizers:
+                    self.optimizers[c] = self.make_optimizer(self.params)
+                self.optimizers[c].step()
+            for p in self.params:
+                p.grad = None
+            return Message("step", c, r, {})
+        raise ValueError(f"unknown message kind {message.kind!r}")
