@@ -119,3 +119,30 @@ def test_server_keeps_a_trunk_adapter_per_client():
     assert any(not torch.equal(a[k], start[k]) for k in a)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # b trained from the initial adapter, not from a's
     assert not server.pending
+
+
+def test_split_run_trains_like_the_whole_model(tmp_path, monkeypatch):
+    """fellrec run with storage.k: same losses and metrics as the unsplit run (gradient clipping off:
+    the split clips the client's and the trunk's gradients apart), only the client's part travels."""
+    import json
+
+    from fellrec.config import load_config
+    from fellrec.run import run
+
+    monkeypatch.setenv("FELLREC_CACHE", str(tmp_path / "cache"))
+    sets = ["model.name_or_path=tiny-random", "partition.method=attribute", "partition.attribute=gender",
+            "train.batch_size=4", "train.local_steps=2", "train.max_train_samples=32", "eval.max_valid_samples=8",
+            "eval.max_test_samples=20", "train.rounds=2", "train.algorithm=fellrec", "train.grad_clip=0",
+            "model.negatives=8"]
+    whole = run(load_config(None, [*sets, "name=whole"]), tmp_path, progress=False)
+    split = run(load_config(None, [*sets, "name=split", "storage.k=0"]), tmp_path, progress=False)
+    lw, ls = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (whole, split))
+    for a, b in zip(lw, ls, strict=True):
+        for c in a["train"]:
+            assert b["train"][c]["loss"] == pytest.approx(a["train"][c]["loss"], abs=1e-4)
+            assert b["train"][c]["split_bytes_up"] > 0 and b["train"][c]["split_bytes_down"] > 0
+            # the tiny model has 2 blocks with equal adapters; block 0 is the trunk: half stays on the server
+            assert b["bytes_up"][c] == pytest.approx(a["bytes_up"][c] / 2, rel=0.05)
+    rw, rs = (json.loads((d / "results.json").read_text()) for d in (whole, split))
+    for m in ("recall@10", "ndcg@10"):
+        assert rs["overall"][m] == pytest.approx(rw["overall"][m], abs=1e-6)

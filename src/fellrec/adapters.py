@@ -46,7 +46,10 @@ def _strip(name: str) -> str:
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The trainable parameters by portable name (the live tensors, not copies)."""
+    """The trainable parameters by portable name (the live tensors, not copies); for a split model,
+    the client's part."""
+    if getattr(model, "fellrec_split", False):
+        return model.adapter_parameters()
     return {_strip(n): p for n, p in model.named_parameters() if p.requires_grad}
 
 

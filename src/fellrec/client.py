@@ -66,14 +66,18 @@ class AdapterTrainer:
     def fit(self, payload: Payload, rnd: int, on_step=None) -> ClientUpdate:
         """Local training from ``payload`` in round ``rnd``; returns what the client sends back."""
         model, t = self.backbone.model, self.settings
-        start = {**self.private, **payload.tensors}
-        set_adapter(model, start)
+        load_full(model, self.client, {**self.private, **payload.tensors})
         seed = derive_seed(self.seed, rnd, self.client)
         torch.manual_seed(seed)  # LoRA dropout
         if hasattr(self.backbone, "reseed"):
             self.backbone.reseed(seed)  # the ranker's sampled negatives
         params = list(adapter_parameters(model).values())
         optimizer, scheduler = make_optimizer(params, t, self.steps_per_round, warmup=rnd == 1)
+        split_before = (0, 0)
+        if is_split(model):  # the server trains the trunk's adapter with its own optimizer, step for step
+            model.reset_trunk_optimizer(lambda ps: make_optimizer(ps, t, self.steps_per_round, warmup=rnd == 1))
+            optimizer = WithTrunk(optimizer, model.step_trunk)
+            split_before = (model.transport.bytes_up, model.transport.bytes_down)
         loss = self.backbone.loss
         mu = float(payload.config.get("prox_mu", 0.0))
         if mu > 0:
@@ -83,9 +87,12 @@ class AdapterTrainer:
             losses = train_steps(model, loss, self.train, steps=self.steps_per_round,
                                  sampler=BatchSampler(len(self.train), t.batch_size, seed), optimizer=optimizer,
                                  scheduler=scheduler, grad_clip=t.grad_clip, on_step=on_step)
-        self.private = get_adapter(model)
+        self.private = read_full(model)
         shared = self.private if payload.config.get("share", True) else {}
         metrics = {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": len(losses)}
+        if is_split(model):  # activations and gradients exchanged with the trunk in this local training
+            metrics["split_bytes_up"] = model.transport.bytes_up - split_before[0]
+            metrics["split_bytes_down"] = model.transport.bytes_down - split_before[1]
         return ClientUpdate(self.client, shared, len(self.train), metrics)
 
     def evaluate(self, payload: Payload, rnd: int) -> dict[str, float]:
@@ -115,7 +122,7 @@ class AdapterTrainer:
         return {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in per_sample.items()}
 
     def _load(self, adapter: Tensors) -> None:
-        set_adapter(self.backbone.model, adapter)
+        load_full(self.backbone.model, self.client, adapter)
         if hasattr(self.backbone, "refresh"):
             self.backbone.refresh()  # an adapted item side must be re-encoded
 
@@ -130,6 +137,43 @@ class AdapterTrainer:
         self.private = {k.removeprefix("private/"): v for k, v in tensors.items() if k.startswith("private/")}
         self.best = {k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")}
         self.best_score, self.best_round = meta["best_score"], meta["best_round"]
+
+
+def is_split(model) -> bool:
+    return getattr(model, "fellrec_split", False)
+
+
+def load_full(model, client: str, tensors: Tensors) -> None:
+    """Load a whole adapter; in split mode the trunk's part goes to the server, for this client."""
+    if not is_split(model):
+        set_adapter(model, tensors)
+        return
+    model.use_client(client)
+    trunk = set(model.trunk_names())
+    set_adapter(model, {k: v for k, v in tensors.items() if k not in trunk})
+    model.set_trunk_adapter({k: tensors[k] for k in trunk})
+
+
+def read_full(model) -> Tensors:
+    """The whole adapter: the client's part and, in split mode, the trunk's part the server holds."""
+    out = get_adapter(model)
+    if is_split(model):
+        out.update(model.trunk_adapter())
+    return out
+
+
+class WithTrunk:
+    """The client's optimizer, followed at every step by the server's step of the trunk adapter."""
+
+    def __init__(self, optimizer, step_trunk):
+        self.optimizer, self.step_trunk = optimizer, step_trunk
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.step_trunk()
 
 
 def proximal(loss, params: dict[str, torch.nn.Parameter], anchor: Tensors, mu: float):

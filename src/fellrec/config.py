@@ -176,6 +176,14 @@ class FellrecConfig:
 
 
 @dataclass
+class StorageConfig:
+    k: int | None = opt(None, "flexible storage: the client keeps the embeddings and blocks [0, k) and the "
+                        "last `tail` blocks, the server runs the rest, per client; null runs the whole model "
+                        "on the client")
+    tail: int = opt(1, "blocks at the end kept on the client (FELLRec: 1), with the final norm and LM head")
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = opt(16, "samples per ranking batch")
     every: int = opt(1, "validate every this many rounds and after the last; each client keeps its best "
@@ -200,6 +208,8 @@ class Config:
     model: ModelConfig = opt(ModelConfig(), "the recommender: base LM, adapter and backbone")
     train: TrainConfig = opt(TrainConfig(), "how the recommender is trained")
     fellrec: FellrecConfig = opt(FellrecConfig(), "FELLRec's dynamic balance (train.algorithm=fellrec)")
+    storage: StorageConfig = opt(StorageConfig(), "FELLRec's flexible storage: the LLM split between client "
+                                 "and server")
     eval: EvalConfig = opt(EvalConfig(), "validation and test")
 
     def validate(self) -> list[str]:

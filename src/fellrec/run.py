@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fellrec.adapters import add_lora, get_adapter
+from fellrec.adapters import add_lora
 from fellrec.backbones.bigrec import BIGRec
 from fellrec.backbones.prompts import Prompt
 from fellrec.backbones.ranker import TextRanker
-from fellrec.client import AdapterTrainer, derive_seed
+from fellrec.client import AdapterTrainer, derive_seed, is_split, read_full
 from fellrec.config import Config, dump, load_config, to_dict
 from fellrec.errors import ConfigError
 from fellrec.evaluate import evaluate
@@ -170,6 +170,14 @@ def build_backbone(cfg: Config, p: Prepared) -> BIGRec | TextRanker:
     prompt = Prompt.for_dataset(p.dataset.name, m.prompt_item, m.prompt_items, m.prompt_verb)
     tok, base = load_base(m.name_or_path, texts=[*titles, prompt.instruction(titles[:10])], seed=cfg.seed)
     model = add_lora(base, m.lora, seed=cfg.seed).to(pick_device(m.device))
+    if cfg.storage.k is not None:
+        from fellrec.storage.model import SplitLM
+
+        try:
+            model = SplitLM(model, cfg.storage.k, cfg.storage.tail)
+        except ValueError as err:
+            raise ConfigError(f"storage.k: {err}") from None
+        model.server.grad_clip = cfg.train.grad_clip
     key = model_id(m.name_or_path, cfg.seed)
     if m.backbone == "bigrec":
         return BIGRec(model, tok, titles, prompt, max_len=m.max_len, train_on_inputs=m.train_on_inputs,
@@ -205,7 +213,7 @@ def federated_run(cfg: Config, p: Prepared, test: Samples, out: Path, progress: 
     select_by = selection_metric(cfg)
     data = client_samples(p)
     backbone = build_backbone(cfg, p)
-    initial = get_adapter(backbone.model)
+    initial = read_full(backbone.model)
     common = {"settings": t, "initial": initial, "seed": cfg.seed, "select_by": select_by, "ks": tuple(e.ks),
               "eval_batch_size": e.batch_size}
     clients = {c: AdapterTrainer(c, backbone, train, valid, **common) for c, (train, valid) in data.items()}
@@ -221,7 +229,8 @@ def federated_run(cfg: Config, p: Prepared, test: Samples, out: Path, progress: 
     strategy = make_strategy(t.algorithm, initial, list(trainers), prox_mu=t.prox_mu, **to_dict(cfg)["fellrec"])
     runtime = EmbeddedRuntime(strategy, trainers, clients, rounds=t.rounds,
                               client_fraction=1.0 if t.algorithm == "centralized" else t.client_fraction,
-                              eval_every=e.every, seed=cfg.seed, run_dir=out, progress=progress)
+                              eval_every=e.every, seed=cfg.seed, run_dir=out, progress=progress,
+                              kept_on_server=set(backbone.model.trunk_names()) if is_split(backbone.model) else set())
     runtime.run()
 
     per_user = {}

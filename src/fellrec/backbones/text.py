@@ -14,12 +14,17 @@ from torch import Tensor, nn
 
 
 def decoder(model: nn.Module) -> nn.Module:
-    """The decoder stack (embeddings, blocks, final norm) of a causal LM, peft-wrapped or not."""
+    """The decoder stack (embeddings, blocks, final norm) of a causal LM, peft-wrapped or not, or a
+    split model's decoder (head here, trunk on the server, tail here)."""
+    if getattr(model, "fellrec_split", False):
+        return model.decoder
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.model
 
 
 def lm_head(model: nn.Module) -> nn.Module:
+    if getattr(model, "fellrec_split", False):
+        return model.client.lm_head
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.lm_head
 

@@ -67,7 +67,7 @@ def pretrain(feats: FeatureTable, users: np.ndarray, items: np.ndarray, rows: np
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         record = {"epoch": epoch, "train_loss": total / max(1, len(y))}
         if keep == "best_train_auc":
             record["train_auc"] = auc(predict(model, uc, ic, eval_batch_size), y.numpy())

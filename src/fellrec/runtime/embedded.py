@@ -68,12 +68,13 @@ class EmbeddedRuntime:
 
     def __init__(self, strategy: Strategy, trainers: dict[str, Any], evaluators: dict[str, Any], *,
                  rounds: int, client_fraction: float, eval_every: int, seed: int, run_dir: Path,
-                 progress: bool = True):
+                 progress: bool = True, kept_on_server: set[str] = frozenset()):
         self.strategy = strategy
         self.trainers, self.evaluators = trainers, evaluators
         self.rounds, self.fraction, self.every, self.seed = rounds, client_fraction, eval_every, seed
         self.run_dir = Path(run_dir)
         self.progress = progress
+        self.kept_on_server = set(kept_on_server)  # split mode: the trunk's adapter never leaves the server
         self.bytes_up = dict.fromkeys(trainers, 0)
         self.bytes_down = dict.fromkeys(trainers, 0)
         self.elapsed = 0.0  # seconds spent in rounds, over every process that worked on this run
@@ -125,8 +126,8 @@ class EmbeddedRuntime:
             steps.close()
             updates.append(update)
             counts = self.strategy.communicates
-            down[client] = payload_bytes(payload.tensors) if counts else 0
-            up[client] = payload_bytes(update.tensors) if counts else 0
+            down[client] = payload_bytes(self._travelling(payload.tensors)) if counts else 0
+            up[client] = payload_bytes(self._travelling(update.tensors)) if counts else 0
             self.bytes_down[client] += down[client]
             self.bytes_up[client] += up[client]
             train[client] = {**update.metrics, "examples": update.num_examples}
@@ -136,6 +137,9 @@ class EmbeddedRuntime:
         if info:
             record["strategy"] = info
         return record
+
+    def _travelling(self, tensors: Tensors) -> Tensors:
+        return {k: v for k, v in tensors.items() if k not in self.kept_on_server}
 
     def validate(self, rnd: int) -> dict[str, dict[str, float]]:
         out = {}

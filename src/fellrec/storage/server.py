@@ -28,6 +28,7 @@ class TrunkServer:
         self.optimizers: dict[str, object] = {}
         self.pending: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
         self.loaded: str | None = None
+        self.grad_clip = 0.0  # clip the trunk adapter's gradient norm to this (0 = off)
 
     def adapter(self, client: str) -> dict[str, Tensor]:
         """The client's trunk adapter (the common initial one until it trains)."""
@@ -40,6 +41,12 @@ class TrunkServer:
         self.adapters[client] = {k: v.clone() for k, v in tensors.items()}
         if self.loaded == client:
             self.loaded = None
+
+    def reset_optimizer(self, client: str, make: Callable | None) -> None:
+        """A fresh trunk optimizer for ``client`` (``make(params) -> (optimizer, scheduler or None)``)."""
+        self.optimizers.pop(client, None)
+        if make is not None:
+            self.optimizers[client] = make(self.params)
 
     def _load(self, client: str) -> None:
         if self.loaded != client:
@@ -67,10 +74,16 @@ class TrunkServer:
             return Message("backward", c, r, {"grad": hidden.grad})
         if message.kind == "step":
             self._load(c)
-            if self.make_optimizer is not None:
-                if c not in self.optimizers:
-                    self.optimizers[c] = self.make_optimizer(self.params)
-                self.optimizers[c].step()
+            if c not in self.optimizers and self.make_optimizer is not None:
+                self.optimizers[c] = self.make_optimizer(self.params)
+            optimizer = self.optimizers.get(c)
+            if optimizer is not None:
+                optimizer, scheduler = optimizer if isinstance(optimizer, tuple) else (optimizer, None)
+                if self.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
             for p in self.params:
                 p.grad = None
             return Message("step", c, r, {})

@@ -1,0 +1,78 @@
+"""``SplitLM``: a LoRA LM run in split mode, looking to the backbones like the whole model.
+
+The backbones (ranker, BIGRec) and the client trainer reach the model only through
+``fellrec.backbones.text`` (``decoder``, ``lm_head``), ``fellrec.adapters`` (the trainable tensors)
+and ``disable_adapter``. ``SplitLM`` answers each of these with the client's part, and runs the
+trunk through the transport: so the same training loop trains a split model.
+
+Which client is active is set by ``use_client``; the server keeps that client's trunk adapter. The
+adapter this model hands out and takes in (``adapter_parameters``) is the client's part only; the
+trunk's part is reached through ``trunk_adapter`` / ``set_trunk_adapter`` (what the server holds).
+The trunk's optimizer runs on the server: ``reset_trunk_optimizer`` at the start of a client's
+local training, ``step_trunk`` after each local step.
+
+BIGRec's beam search is not available in split mode yet (it needs the server to keep the trunk's
+key/value cache per request); ``generate`` says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fellrec.storage.client import SplitDecoder
+from fellrec.storage.parts import cut, trainable
+from fellrec.storage.server import TrunkServer
+from fellrec.storage.transport import InProcessTransport
+
+
+class SplitLM(nn.Module):
+    fellrec_split = True  # how text.decoder, text.lm_head and adapters.adapter_parameters recognise it
+
+    def __init__(self, model: nn.Module, k: int, tail: int = 1):
+        super().__init__()
+        client, trunk = cut(model, k, tail)
+        self.client = client  # the only registered submodule: parameters() are the client's
+        self._whole = [model]  # kept out of the module tree; for disable_adapter in this process
+        self.server = TrunkServer(trunk)
+        self.transport = InProcessTransport(self.server)
+        self.decoder = SplitDecoder(client, self.transport, client="")
+        self.k, self.tail = k, tail
+
+    # ---- what the backbones and fellrec.adapters use ---------------------------------------------
+
+    def use_client(self, client: str) -> None:
+        self.decoder.client = client
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return trainable(self.client)
+
+    def trunk_names(self) -> list[str]:
+        return list(trainable(self.server.trunk))
+
+    def trunk_adapter(self) -> dict[str, torch.Tensor]:
+        return self.server.adapter(self.decoder.client)
+
+    def set_trunk_adapter(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.server.set_adapter(self.decoder.client, tensors)
+
+    def reset_trunk_optimizer(self, make: Callable | None) -> None:
+        self.server.reset_optimizer(self.decoder.client, make)
+
+    def step_trunk(self) -> None:
+        self.decoder.step()
+
+    def disable_adapter(self):
+        """Adapters off on every part (in this process the parts share the whole model's layers)."""
+        return self._whole[0].disable_adapter()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.server.trunk.train(mode)
+        return self
+
+    def generate(self, *args, **kwargs):
+        raise NotImplementedError("BIGRec generation in split mode (storage.k) is not available yet: it needs "
+                                  "the server to keep the trunk's key/value cache; rank with the ranker backbone")
