@@ -82,3 +82,35 @@ def test_fedavg_round_on_smollm2_end_to_end(tmp_path):
     assert all(params * 4 < b < params * 4 + 20_000 for b in r["bytes_up"].values())
     res = json.loads((out / "results.json").read_text())
     assert res["samples"]["test"] == 10 and (out / "report.md").exists()
+
+
+def test_split_smollm2_matches_the_whole_model(setting):
+    """Flexible storage on the real model: cut at k=8 (client: blocks 0-7 and 29), BIGRec's loss."""
+    from fellrec.adapters import adapter_parameters
+    from fellrec.storage.model import SplitLM
+
+    p, titles, tok, model = setting
+    reset(model)
+    with torch.no_grad():  # non-zero B so that every adapter tensor gets a gradient worth comparing
+        for n, q in model.named_parameters():
+            if "lora_B" in n:
+                q.normal_(0, 0.01, generator=torch.Generator().manual_seed(len(n)))
+    model.eval()  # no LoRA dropout: both passes see the same function
+    bigrec = BIGRec(model, tok, titles, Prompt.for_dataset(p.dataset.name))
+    batch = fixed_batch(p, 2)
+    whole = bigrec.loss(batch)
+    whole.backward()
+    expected = {n: q.grad.clone() for n, q in adapter_parameters(model).items()}
+    model.zero_grad(set_to_none=True)
+
+    split = SplitLM(model, k=8)
+    assert split.client.block_indices() == [*range(8), 29]
+    bigrec.model = split
+    loss = bigrec.loss(batch)
+    loss.backward()
+    assert loss.item() == pytest.approx(whole.item(), abs=1e-5)
+    for n, g in expected.items():
+        assert torch.allclose(adapter_parameters(model)[n].grad, g, atol=1e-5), n
+    assert split.transport.bytes_up > 0 and split.transport.messages == 2
+    model.zero_grad(set_to_none=True)
+    reset(model)
