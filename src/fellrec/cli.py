@@ -128,6 +128,8 @@ def format_results(r: dict, metrics: tuple[str, ...] = ("recall@10", "recall@20"
     """Per-client and overall test metrics as a table, then the imbalance across clients and the costs."""
     from fellrec.report import human_bytes
 
+    if "auc" in r["overall"]:
+        return format_ctr_results(r)
     names, best = r.get("client_names", {}), r.get("best_round", {})
 
     def num(v):
@@ -153,6 +155,23 @@ def format_results(r: dict, metrics: tuple[str, ...] = ("recall@10", "recall@20"
     rounds = f", {r['rounds']} rounds" if "rounds" in r else ""
     lines.append(f"{r['backbone']} / {r['algorithm']} on {r['dataset']}: {r['samples']['train']:,} train "
                  f"samples, {r['samples']['test']:,} test users{rounds}{sent}, {r['time_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def format_ctr_results(r: dict) -> str:
+    """FedPA-style results: pooled CTR metrics at the selected round."""
+    from fellrec.report import human_bytes
+
+    metrics = [m for m in ("auc", "gauc", "logloss", "precision", "recall", "f1") if m in r["overall"]]
+    header = ["pooled", *metrics]
+    rows = [["test", *(f"{r['overall'][m]:.4f}" for m in metrics)],
+            ["valid", *(f"{r['valid'][m]:.4f}" for m in metrics)]]
+    widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(x.rjust(w) for x, w in zip(row, widths, strict=True)) for row in [header, *rows]]
+    comm = r["communication"]
+    lines.append(f"{r['algorithm']} on {r['dataset']}: {r['users']['private']} private users as clients "
+                 f"({r['users']['public']} public for pre-training), best round {r['best_round']} of {r['rounds']}, "
+                 f"{human_bytes(comm['bytes_up'])} up / {human_bytes(comm['bytes_down'])} down, {r['time_s']:.0f} s")
     return "\n".join(lines)
 
 

@@ -104,8 +104,9 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     backbone: str = opt("ranker", "ranker: text-encoder ranker (fast on CPU); bigrec: generate a title, "
-                        "ground it by L2; sasrec: ID-based SASRec; most-popular: popularity",
-                        choices=("ranker", "bigrec", "sasrec", "most-popular"))
+                        "ground it by L2; sasrec: ID-based SASRec; most-popular: popularity; ctr: FedPA's "
+                        "attribute-based CTR foundation model (set fedpa.*)",
+                        choices=("ranker", "bigrec", "sasrec", "most-popular", "ctr"))
     name_or_path: str = opt("smollm2-135m-instruct", "base LM: smollm2-135m-instruct (packaged), tiny-random "
                             "(tests), or a local Hugging Face checkpoint directory")
     device: str = opt("auto", "where the LLM runs: auto (cuda when torch sees a GPU, else cpu), cpu, cuda, "
@@ -183,6 +184,41 @@ class StorageConfig:
     tail: int = opt(1, "blocks at the end kept on the client (FELLRec: 1), with the final norm and LM head")
 
 
+FEDPA_ALGORITHMS = ("fedpa", "fedavg-adapter", "fedavg-full", "local", "local-fedpa", "frozen")
+
+
+@dataclass
+class FedpaConfig:
+    algorithm: str = opt("fedpa", "fedpa: user + group adapters mixed by a gate; fedavg-adapter: one shared "
+                         "adapter; fedavg-full: FedAvg of the whole model; local: whole model per user; "
+                         "local-fedpa: FedPA's model without a server; frozen: the foundation model as is",
+                         choices=FEDPA_ALGORITHMS)
+    public_attribute: str | None = opt(None, "pick the public (pre-training) users by this user attribute, as "
+                                       "the released code; null picks a seeded random share")
+    public_values: list[str] = opt([], "values of public_attribute whose users are mostly public")
+    public_fraction: float = opt(0.2, "share of users that are public when public_attribute is null")
+    public_fraction_in: float = opt(0.8, "share of the users with a public value that are public")
+    public_fraction_out: float = opt(0.2, "share of the other users that are public")
+    ratios: list[float] = opt([0.6, 0.2, 0.2], "each private user's chronological train/valid/test shares")
+    min_interactions: int = opt(5, "private users with fewer interactions are left out (listed in results)")
+    group_attributes: list[str] = opt(["gender", "age"], "user attributes with one group adapter per value")
+    rank: int = opt(4, "rank of the user and group adapters")
+    alpha: float = opt(1.0, "adapter scaling")
+    zero_init: bool = opt(False, "A and B both start at zero, as the released code (they then never learn)")
+    ldp_scale: float = opt(0.0, "local differential privacy: Laplace noise of this scale on every upload (0: off)")
+    weighting: str = opt("samples", "averages weighted by the clients' samples, or uniform (released code)",
+                         choices=("samples", "uniform"))
+    lr: float = opt(0.1, "Fed_Train Adam learning rate (released: 0.1; the whole-model baselines want ~0.01)")
+    local_epochs: int = opt(1, "passes over a user's training interactions per round")
+    batch_size: int = opt(1024, "interactions per local step")
+    dim: int = opt(8, "attribute embedding size of the foundation model")
+    hidden: list[int] = opt([32, 8], "hidden layer sizes of the foundation model's MLP")
+    pretrain_epochs: int = opt(20, "Open_Train epochs on the public users")
+    pretrain_lr: float = opt(1e-3, "Open_Train Adam learning rate")
+    pretrain_path: str | None = opt(None, "load this Open_Train checkpoint instead of pre-training")
+    select_by: str = opt("auc", "round selection on the pooled validation metric", choices=("auc", "gauc", "logloss"))
+
+
 @dataclass
 class EvalConfig:
     batch_size: int = opt(16, "samples per ranking batch")
@@ -208,6 +244,7 @@ class Config:
     model: ModelConfig = opt(ModelConfig(), "the recommender: base LM, adapter and backbone")
     train: TrainConfig = opt(TrainConfig(), "how the recommender is trained")
     fellrec: FellrecConfig = opt(FellrecConfig(), "FELLRec's dynamic balance (train.algorithm=fellrec)")
+    fedpa: FedpaConfig = opt(FedpaConfig(), "FedPA on the attribute CTR model (model.backbone=ctr)")
     storage: StorageConfig = opt(StorageConfig(), "FELLRec's flexible storage: the LLM split between client "
                                  "and server")
     eval: EvalConfig = opt(EvalConfig(), "validation and test")
@@ -230,9 +267,12 @@ class Config:
             problems.append("partition.attribute: method=attribute needs the name of a user attribute")
         if self.partition.method == "domain" and not self.data.domains:
             problems.append("partition.method: domain needs several datasets in data.domains")
+        known = FEDPA_ALGORITHMS if self.model.backbone == "ctr" else ALGORITHMS
         for i, a in enumerate(self.algorithms):
-            if a not in ALGORITHMS:
-                problems.append(f"algorithms[{i}]: {a!r} is not one of {', '.join(ALGORITHMS)}")
+            if a not in known:
+                problems.append(f"algorithms[{i}]: {a!r} is not one of {', '.join(known)}"
+                                + (" (model.backbone=ctr runs FedPA and its baselines)" if known is FEDPA_ALGORITHMS
+                                   else ""))
         t = self.train
         if t.rounds < 0 or t.local_steps < 0 or t.local_epochs < 0:
             problems.append("train.rounds, train.local_steps, train.local_epochs: must not be negative")
@@ -245,7 +285,7 @@ class Config:
         if self.eval.every < 0:
             problems.append(f"eval.every: must be 0 (only after the last round) or more, got {self.eval.every}")
         reference = self.model.backbone in ("sasrec", "most-popular")
-        for a in self.algorithms or [t.algorithm]:
+        for a in ([] if self.model.backbone == "ctr" else self.algorithms or [t.algorithm]):
             if reference and a != "centralized":
                 problems.append(f"train.algorithm: {a} needs an LLM backbone; {self.model.backbone} is a "
                                 "centralized reference point (use train.algorithm=centralized)")

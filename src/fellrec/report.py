@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from fellrec.errors import DataError
@@ -311,12 +312,31 @@ def settings_line(run: Run) -> str:
     return " · ".join(f"{k} **{MISSING if v is None else v}**" for k, v in items)
 
 
+CTR_METRICS = ("auc", "gauc", "logloss", "precision", "recall", "f1")
+
+
 def overall_table(run: Run) -> str:
     overall = run.results.get("overall") or {}
     metrics = rank_metrics(overall)
-    if not metrics:
+    if metrics:
+        return markdown_table([short(m) for m in metrics], [[fmt(overall[m]) for m in metrics]])
+    ctr = [m for m in CTR_METRICS if m in overall]
+    if not ctr:
         return "_no test metrics_"
-    return markdown_table([short(m) for m in metrics], [[fmt(overall[m]) for m in metrics]])
+    valid = run.results.get("valid") or {}
+    rows = [["test", *(fmt(overall[m]) for m in ctr)], ["validation", *(fmt(valid.get(m)) for m in ctr)]]
+    best = run.results.get("best_round")
+    return (markdown_table(["pooled", *ctr], rows)
+            + f"\n\nAt round {best}, the best by pooled validation {run.select_by}. Per round:\n\n"
+            + ctr_rounds_table(run))
+
+
+def ctr_rounds_table(run: Run) -> str:
+    per_round = run.results.get("per_round") or {}
+    rows = [[str(r), fmt(v["valid"].get("auc")), fmt(v["test"].get("auc")), fmt(v["valid"].get("gauc")),
+             fmt(v["test"].get("gauc")), fmt(v["test"].get("logloss"))]
+            for r, v in sorted(per_round.items(), key=lambda kv: int(kv[0]))]
+    return markdown_table(["round", "valid AUC", "test AUC", "valid GAUC", "test GAUC", "test logloss"], rows)
 
 
 def clients_table(run: Run) -> str:
@@ -454,8 +474,15 @@ def plot_heating(run: Run, path: Path) -> Path | None:
 
 
 def _lines(ax, run: Run, series: dict[str, list[tuple[int, float]]], ylabel: str) -> None:
+    many = len(series) > 12  # e.g. one client per user: thin lines and the mean, no legend
     for cid, points in series.items():
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=run.client_name(cid))
+        style = {"color": "grey", "alpha": 0.15, "linewidth": 0.6} if many else {"marker": "o",
+                                                                                   "label": run.client_name(cid)}
+        ax.plot([p[0] for p in points], [p[1] for p in points], **style)
+    if many:
+        rounds = sorted({r for points in series.values() for r, _ in points})
+        mean = [float(np.nanmean([v for points in series.values() for r2, v in points if r2 == r])) for r in rounds]
+        ax.plot(rounds, mean, color="black", marker="o", label=f"mean of {len(series)} clients")
     ax.set(xlabel="round", ylabel=ylabel, title=ylabel)
     ax.xaxis.get_major_locator().set_params(integer=True)
     if series:

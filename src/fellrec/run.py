@@ -56,8 +56,11 @@ def run_all(cfg: Config, runs_dir: str | Path = "runs", progress: bool = True, r
         return [run(cfg, runs_dir, progress, resume)]
     outs = []
     for a in cfg.algorithms:
-        one = dataclasses.replace(cfg, name=f"{cfg.name}-{a}", algorithms=[],
-                                  train=dataclasses.replace(cfg.train, algorithm=a))
+        one = dataclasses.replace(cfg, name=f"{cfg.name}-{a}", algorithms=[])
+        if cfg.model.backbone == "ctr":
+            one.fedpa = dataclasses.replace(cfg.fedpa, algorithm=a)
+        else:
+            one.train = dataclasses.replace(cfg.train, algorithm=a)
         outs.append(run(one, runs_dir, progress, resume))
     return outs
 
@@ -78,6 +81,8 @@ def run(cfg: Config, runs_dir: str | Path = "runs", progress: bool = True, resum
     write_text(out / "config.yaml", dump(cfg))
     started = time.time()
     torch.manual_seed(cfg.seed)
+    if cfg.model.backbone == "ctr":  # FedPA: its own data path (per-user split, one client per user)
+        return finish(cfg, out, started, ctr_run(cfg, out, progress))
     p = prepare(cfg, progress=progress)
     test = pick_test(p)
     if cfg.model.backbone in ("most-popular", "sasrec"):
@@ -94,6 +99,20 @@ def run(cfg: Config, runs_dir: str | Path = "runs", progress: bool = True, resum
         "client_names": {str(c): n for c, n in enumerate(p.partition.names)},
         **extra,
     }
+    return finish(cfg, out, started, results)
+
+
+def ctr_run(cfg: Config, out: Path, progress: bool) -> dict:
+    from fellrec.fedpa.run import fedpa_run
+    from fellrec.pipeline import load_data
+    from fellrec.split import kcore
+
+    ds = kcore(load_data(cfg.data), cfg.data.kcore)
+    return {"name": cfg.name, "backbone": "ctr", "dataset": ds.name, **fedpa_run(cfg, ds, out, progress)}
+
+
+def finish(cfg: Config, out: Path, started: float, results: dict) -> Path:
+    """results.json (with the run's whole time), the checkpoint removed, the report written."""
     results["time_s"] = round(time.time() - started, 1)
     write_text(out / "results.json", json.dumps(plain(results), indent=2))
     if (out / CHECKPOINT).exists():

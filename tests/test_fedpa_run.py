@@ -1,0 +1,36 @@
+"""fellrec run with model.backbone=ctr: FedPA's Open_Train then Fed_Train through the CLI."""
+
+import json
+
+import pytest
+
+from fellrec.cli import main
+from fellrec.config import load_config
+from fellrec.errors import ConfigError
+
+pytestmark = pytest.mark.slow
+
+
+def test_fedpa_through_the_cli(tmp_path, capsys):
+    code = main(["run", "configs/fedpa-ml100k.yaml", "--quiet", "--runs-dir", str(tmp_path), "--set", "name=f",
+                 "--set", "algorithms=[fedpa, frozen]", "--set", "train.rounds=2", "--set", "fedpa.pretrain_epochs=2"])
+    assert code == 0
+    shown = capsys.readouterr().out
+    for alg in ("fedpa", "frozen"):
+        out = tmp_path / f"f-{alg}"
+        r = json.loads((out / "results.json").read_text())
+        assert r["algorithm"] == f"fedpa:{alg}" and r["users"]["private"] + r["users"]["public"] == 943
+        assert 0.5 < r["overall"]["auc"] < 1 and str(r["best_round"]) in r["per_round"]
+        assert f"{r['overall']['auc']:.4f}" in shown
+        assert (out / "foundation.safetensors").exists() and "## Overall (test)" in (out / "report.md").read_text()
+    fed = json.loads((tmp_path / "f-fedpa" / "results.json").read_text())
+    assert fed["rounds"] == 2 and 0 < fed["communication"]["bytes_up"] < 20_000 * 754 * 2
+    frozen = json.loads((tmp_path / "f-frozen" / "results.json").read_text())
+    assert frozen["rounds"] == 0 and frozen["communication"]["bytes_up"] == 0
+
+
+def test_fedpa_config_errors():
+    with pytest.raises(ConfigError, match=r"algorithms\[0\]: 'fedavg' is not one of fedpa, fedavg-adapter"):
+        load_config(None, ["model.backbone=ctr", "algorithms=[fedavg]"])
+    with pytest.raises(ConfigError, match=r"fedpa\.algorithm: 'fedprox' is not one of"):
+        load_config(None, ["model.backbone=ctr", "fedpa.algorithm=fedprox"])
