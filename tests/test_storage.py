@@ -48,7 +48,7 @@ def grads(params):
     return {n: p.grad.detach().clone() for n, p in params.items()}
 
 
-@pytest.mark.parametrize("k", [0, 2, 5])
+@pytest.mark.parametrize("k", [0, 2, 4])
 def test_split_gives_the_same_loss_and_gradients(k):
     model, batch = setup()
     whole = lm_loss(text.hidden(model, batch), text.lm_head(model), batch)
@@ -95,6 +95,12 @@ def test_only_activations_masks_and_gradients_travel_and_are_counted():
     # up: hidden states + int64 mask and positions + the flag, then the gradient; down: states, gradient
     assert floats * 2 + 2 * b * t * 8 < transport.bytes_up < floats * 2 + 2 * b * t * 8 + 1000
     assert 2 * floats < transport.bytes_down < 2 * floats + 1000
+
+
+def test_a_cut_must_leave_the_server_a_block():
+    model, _ = setup(layers=4)
+    with pytest.raises(ValueError, match="needs 0 <= k < 3, so that the server runs at least one"):
+        cut(model, 3)
 
 
 def test_message_round_trip():
@@ -146,3 +152,57 @@ def test_split_run_trains_like_the_whole_model(tmp_path, monkeypatch):
     rw, rs = (json.loads((d / "results.json").read_text()) for d in (whole, split))
     for m in ("recall@10", "ndcg@10"):
         assert rs["overall"][m] == pytest.approx(rw["overall"][m], abs=1e-6)
+
+
+def test_split_generation_keeps_the_trunk_cache_on_the_server_and_matches_the_whole_model():
+    from fellrec.storage.generate import beam_search, whole_model_step
+    from fellrec.storage.model import SplitLM
+
+    model, _ = setup()
+    model.eval()
+    tok, _ = tiny_random(TEXTS, seed=0, layers=6)
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("toy story (1995) heat", "alien", "fargo (19")]
+    batch = text.pad(prompts, tok.pad_token_id, left=True)
+    whole = beam_search(whole_model_step(model), batch["input_ids"], batch["attention_mask"], num_beams=3,
+                        max_new_tokens=6, eos_token_id=tok.eos_token_id)
+    # the same search without any cache (the whole sequence re-run at every step) finds the same
+    seq = {}
+
+    def no_cache(ids, mask, pos, beam_idx):
+        seq["ids"] = ids if beam_idx is None else torch.cat([seq["ids"][beam_idx], ids], dim=1)
+        full = (mask.cumsum(-1) - 1).clamp(min=0)
+        return model(input_ids=seq["ids"], attention_mask=mask, position_ids=full).logits[:, -1]
+
+    assert beam_search(no_cache, batch["input_ids"], batch["attention_mask"], num_beams=3, max_new_tokens=6,
+                       eos_token_id=tok.eos_token_id) == whole
+    assert any(len(w) > 1 for w in whole)
+
+    split = SplitLM(model, k=2)
+    transport = Recording(split.server)
+    split.transport = transport
+    out = split.generate(batch["input_ids"], batch["attention_mask"], num_beams=3, max_new_tokens=6,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    new = [[t for t in row[batch["input_ids"].shape[1]:].tolist() if t != tok.pad_token_id] for row in out]
+    assert new == [[t for t in w if t != tok.pad_token_id] for w in whole]
+    kinds = [k for k, _ in transport.seen]
+    assert kinds[0] == "decode" and kinds[-1] == "release" and "reorder" in kinds
+    assert all(keys == ["attention_mask", "hidden", "position_ids", "session"] for k, keys in transport.seen
+               if k == "decode")
+    assert not split.server.sessions  # released
+
+
+def test_split_bigrec_run_generates_and_grounds(tmp_path, monkeypatch):
+    import json
+
+    from fellrec.config import load_config
+    from fellrec.run import run
+
+    monkeypatch.setenv("FELLREC_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(None, ["model.name_or_path=tiny-random", "partition.method=attribute",
+                             "partition.attribute=gender", "model.backbone=bigrec", "model.num_beams=2",
+                             "model.max_new_tokens=6", "train.batch_size=4", "train.local_steps=1",
+                             "train.max_train_samples=16", "eval.max_valid_samples=4", "eval.max_test_samples=6",
+                             "train.rounds=1", "train.algorithm=fellrec", "storage.k=0", "name=b"])
+    out = run(cfg, tmp_path, progress=False)
+    r = json.loads((out / "results.json").read_text())
+    assert r["samples"]["test"] == 6 and all(0 <= v["recall@20"] <= 1 for v in r["clients"].values())

@@ -11,8 +11,8 @@ trunk's part is reached through ``trunk_adapter`` / ``set_trunk_adapter`` (what 
 The trunk's optimizer runs on the server: ``reset_trunk_optimizer`` at the start of a client's
 local training, ``step_trunk`` after each local step.
 
-BIGRec's beam search is not available in split mode yet (it needs the server to keep the trunk's
-key/value cache per request); ``generate`` says so.
+``generate`` runs BIGRec's beam search split: the client keeps its blocks' key/value cache, the
+server keeps the trunk's per session (``fellrec.storage.generate``).
 """
 
 from __future__ import annotations
@@ -73,6 +73,23 @@ class SplitLM(nn.Module):
         self.server.trunk.train(mode)
         return self
 
-    def generate(self, *args, **kwargs):
-        raise NotImplementedError("BIGRec generation in split mode (storage.k) is not available yet: it needs "
-                                  "the server to keep the trunk's key/value cache; rank with the ranker backbone")
+    def generate(self, input_ids, attention_mask, *, num_beams: int = 4, max_new_tokens: int = 32,
+                 eos_token_id: int, pad_token_id: int | None = None, do_sample: bool = False):
+        """Beam search in split mode (``fellrec.storage.generate``), returned as transformers'
+        ``generate`` does: the prompt followed by the new tokens, padded with ``pad_token_id``."""
+        from fellrec.storage.generate import beam_search, split_model_step
+
+        if do_sample:
+            raise ValueError("split-mode generation is beam search only (do_sample=False)")
+        step, release = split_model_step(self)
+        try:
+            new = beam_search(step, input_ids, attention_mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                              eos_token_id=eos_token_id)
+        finally:
+            release()
+        width = max((len(x) for x in new), default=0)
+        pad = pad_token_id if pad_token_id is not None else eos_token_id
+        tail = torch.full((len(new), width), pad, dtype=input_ids.dtype)
+        for i, x in enumerate(new):
+            tail[i, :len(x)] = torch.tensor(x, dtype=input_ids.dtype)
+        return torch.cat([input_ids, tail], dim=1)

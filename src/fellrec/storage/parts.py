@@ -23,14 +23,22 @@ _PREFIX = "base_model.model.model.layers."  # how fellrec.adapters names a block
 
 
 def run_blocks(blocks: nn.ModuleDict, config, rotary: nn.Module, hidden: Tensor, attention_mask: Tensor,
-               position_ids: Tensor) -> Tensor:
-    """``hidden`` through ``blocks`` in order, as inside the whole model's forward pass."""
+               position_ids: Tensor, cache=None) -> Tensor:
+    """``hidden`` through ``blocks`` in order, as inside the whole model's forward pass.
+
+    With ``cache`` (a transformers ``DynamicCache``), the blocks append their keys and values to it
+    and attend over what it holds: ``attention_mask`` then covers the cached positions too.
+    """
+    if len(blocks) == 0:
+        return hidden
+    first = int(next(iter(blocks)))
     causal = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                past_key_values=None, position_ids=position_ids)
+                                past_key_values=cache, position_ids=position_ids,
+                                layer_idx=first if cache is not None else None)
     rope = rotary(hidden, position_ids=position_ids)
     for block in blocks.values():
         hidden = block(hidden, attention_mask=causal, position_embeddings=rope, position_ids=position_ids,
-                       use_cache=False)
+                       past_key_values=cache, use_cache=cache is not None)
     return hidden
 
 
@@ -48,12 +56,12 @@ class ClientPart(nn.Module):
         self.lm_head = lm_head
         self.rotary_emb = rotary
 
-    def run_head(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+    def run_head(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache=None) -> Tensor:
         hidden = self.embed_tokens(input_ids)
-        return run_blocks(self.head, self.config, self.rotary_emb, hidden, attention_mask, position_ids)
+        return run_blocks(self.head, self.config, self.rotary_emb, hidden, attention_mask, position_ids, cache)
 
-    def run_tail(self, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
-        hidden = run_blocks(self.tail, self.config, self.rotary_emb, hidden, attention_mask, position_ids)
+    def run_tail(self, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor, cache=None) -> Tensor:
+        hidden = run_blocks(self.tail, self.config, self.rotary_emb, hidden, attention_mask, position_ids, cache)
         return self.norm(hidden)
 
     def block_indices(self) -> list[int]:
@@ -69,8 +77,8 @@ class TrunkPart(nn.Module):
         self.blocks = nn.ModuleDict({str(i): b for i, b in blocks.items()})
         self.rotary_emb = rotary
 
-    def forward(self, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
-        return run_blocks(self.blocks, self.config, self.rotary_emb, hidden, attention_mask, position_ids)
+    def forward(self, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor, cache=None) -> Tensor:
+        return run_blocks(self.blocks, self.config, self.rotary_emb, hidden, attention_mask, position_ids, cache)
 
     def block_indices(self) -> list[int]:
         return [int(i) for i in self.blocks]
@@ -85,8 +93,9 @@ def cut(model: nn.Module, k: int, tail: int = 1) -> tuple[ClientPart, TrunkPart]
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, layers = inner.model, inner.model.layers
     n = len(layers)
-    if not 0 <= k <= n - tail or tail < 1:
-        raise ValueError(f"a cut at k={k} with {tail} tail block(s) needs 0 <= k <= {n - tail} ({n} blocks)")
+    if tail < 1 or not 0 <= k < n - tail:
+        raise ValueError(f"a cut at k={k} with {tail} tail block(s) needs 0 <= k < {n - tail}, so that the server "
+                         f"runs at least one of the model's {n} blocks")
     head = {i: layers[i] for i in range(k)}
     trunk = {i: layers[i] for i in range(k, n - tail)}
     tail_blocks = {i: layers[i] for i in range(n - tail, n)}

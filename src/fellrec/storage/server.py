@@ -1,10 +1,12 @@
 """The server side of split execution: the trunk, with one trunk adapter per client.
 
-``forward`` runs the trunk on the client's hidden states (keeping the graph when training),
+Training: ``forward`` runs the trunk on the client's hidden states (keeping the graph),
 ``backward`` takes the gradient at the trunk's output, back-propagates through the trunk and
 returns the gradient at its input (the trunk adapter's gradients accumulate), and ``step`` applies
-the client's trunk optimizer and zeroes them. The client drives all three. Requests of one client
-are served in order; the trunk adapter is swapped in per request, so one trunk serves every client.
+the client's trunk optimizer and zeroes them. Generation: ``decode`` runs the trunk keeping its
+key/value cache per (client, session) until ``release``; ``reorder`` follows the beams the client
+kept. The client drives everything. Requests of one client are served in order; the trunk adapter
+is swapped in per request, so one trunk serves every client.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 
 from fellrec.storage.parts import TrunkPart, adapter_of, load_adapter
 from fellrec.storage.transport import Message
@@ -29,6 +32,7 @@ class TrunkServer:
         self.pending: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
         self.loaded: str | None = None
         self.grad_clip = 0.0  # clip the trunk adapter's gradient norm to this (0 = off)
+        self.sessions: dict[tuple[str, int], DynamicCache] = {}  # generation: trunk key/value caches
 
     def adapter(self, client: str) -> dict[str, Tensor]:
         """The client's trunk adapter (the common initial one until it trains)."""
@@ -72,6 +76,22 @@ class TrunkServer:
             hidden, out = self.pending.pop((c, r))
             out.backward(message.tensors["grad"])
             return Message("backward", c, r, {"grad": hidden.grad})
+        if message.kind == "decode":  # generation: the trunk's key/value cache stays here, per session
+            self._load(c)
+            t = message.tensors
+            key = (c, int(t["session"].item()))
+            if key not in self.sessions:
+                self.sessions[key] = DynamicCache(config=self.trunk.config)
+            with torch.no_grad():
+                out = self.trunk(t["hidden"], t["attention_mask"], t["position_ids"], cache=self.sessions[key])
+            return Message("decode", c, r, {"hidden": out})
+        if message.kind == "reorder":  # beam search kept these rows
+            t = message.tensors
+            self.sessions[(c, int(t["session"].item()))].reorder_cache(t["beam_idx"])
+            return Message("reorder", c, r, {})
+        if message.kind == "release":
+            self.sessions.pop((c, int(message.tensors["session"].item())), None)
+            return Message("release", c, r, {})
         if message.kind == "step":
             self._load(c)
             if c not in self.optimizers and self.make_optimizer is not None:
