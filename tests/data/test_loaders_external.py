@@ -630,3 +630,34 @@ def test_kuairand_extra_field_on_the_first_feature_row_is_caught(tmp_path):
     ds = load_kuairand(folder, bad=bad)
     assert sorted(ds.items["item_id"]) == [101, 102] and item_row(ds, 101)["author_id"] == 441
     assert bad.total == 2  # the feature line, then the one log row of video 100
+
+
+@pytest.mark.slow
+def test_fedpa_runs_on_kuairand_files(tmp_path):
+    """FedPA end to end on a KuaiRand folder in the real format: is_click labels, the 23 user fields,
+    the video fields and the log-binned statistics."""
+    import numpy as np
+
+    from fellrec.config import load_config
+    from fellrec.run import run
+
+    rng = np.random.default_rng(0)
+    videos = list(range(100, 130))
+    lines = [log_line(u, int(v), 1649408076000 + 60_000 * (u * 50 + i), int(rng.random() < 0.4))
+             for u in range(1, 31) for i, v in enumerate(rng.choice(videos, 12, replace=False))]
+    degrees = ["full_active", "high_active", "middle_active"]
+    folder = kuairand_files(tmp_path / "KuaiRand-Pure" / "data", logs={"log_standard_4_08_to_4_21": lines[:180],
+                                                                             "log_standard_4_22_to_5_08": lines[180:],
+                                                                             "log_random_4_22_to_5_08": []},
+                            basic=[basic_line(v, str(v % 4)) for v in videos])
+    write_lines(folder / "user_features_pure.csv", [USER_HEADER, *(user_line(u, degrees[u % 3]) for u in range(1, 31))])
+    write_lines(folder / "video_features_statistic_pure.csv",
+                [STAT_HEADER, *(stat_line(v, float(rng.exponential(500))) for v in videos)])
+    cfg = load_config(None, ["model.backbone=ctr", "data.format=kuairand", f"data.path={folder}", "data.kcore=0",
+                             "fedpa.group_attributes=[user_active_degree]", "fedpa.pretrain_epochs=2",
+                             "train.rounds=2", "name=k"])
+    out = run(cfg, tmp_path / "runs", progress=False)
+    r = json.loads((out / "results.json").read_text())
+    assert r["users"]["private"] + r["users"]["public"] == 30 and r["users"]["left_out"] == []
+    assert r["samples"]["train"] + r["samples"]["valid"] + r["samples"]["test"] + 12 * r["users"]["public"] == 360
+    assert 0 <= r["overall"]["auc"] <= 1 and r["communication"]["bytes_up"] > 0
