@@ -96,6 +96,7 @@ def test_split_smollm2_matches_the_whole_model(setting):
             if "lora_B" in n:
                 q.normal_(0, 0.01, generator=torch.Generator().manual_seed(len(n)))
     model.eval()  # no LoRA dropout: both passes see the same function
+    model.zero_grad(set_to_none=True)  # the earlier tests' last training step left gradients behind
     bigrec = BIGRec(model, tok, titles, Prompt.for_dataset(p.dataset.name))
     batch = fixed_batch(p, 2)
     whole = bigrec.loss(batch)
