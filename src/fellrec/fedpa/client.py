@@ -19,7 +19,7 @@ ClientTrainer protocol (``fellrec.client.AdapterTrainer``): ``steps_per_round``,
   on its own validation samples: ``logloss`` by default, since one user's AUC is often undefined).
 
 Training is reproducible from (seed, round, client): the batch order and the LDP noise come from
-a generator seeded with them (the recipe of ``fellrec.client.derive_seed``).
+a generator seeded with them (``fellrec.client.derive_seed``).
 
 Algorithms (``ALGORITHMS``: model variant, server strategy):
 
@@ -35,7 +35,6 @@ Algorithms (``ALGORITHMS``: model variant, server strategy):
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fellrec.client import derive_seed
 from fellrec.data.tables import Dataset
 from fellrec.fedpa.features import FeatureTable, UserSplit
 from fellrec.fedpa.metrics import auc, ctr_metrics, logloss
@@ -60,11 +60,6 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
     "local-fedpa": ("fedpa", "local"),
     "frozen": ("frozen", "local"),
 }
-
-
-def derive_seed(seed: int, rnd: int, client: str) -> int:
-    """A 31-bit seed for one client in one round (the recipe of ``fellrec.client.derive_seed``)."""
-    return int(np.random.SeedSequence([seed, rnd, zlib.crc32(client.encode())]).generate_state(1)[0] >> 1)
 
 
 def laplace(shape, scale: float, generator: torch.Generator) -> torch.Tensor:
