@@ -91,6 +91,8 @@ class PartitionConfig:
     mf_lr: float = opt(0.01, "BPR-MF Adam learning rate (kmeans)")
     mf_reg: float = opt(0.01, "BPR-MF L2 regularisation (kmeans)")
     mf_batch_size: int = opt(2048, "BPR-MF mini-batch size (kmeans)")
+    seed: int | None = opt(None, "seed of the partition alone (k-means, Dirichlet); null uses the run's "
+                           "seed. Set it to keep the same clients across a sweep of run seeds")
 
 
 @dataclass
@@ -300,24 +302,28 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (None: all defaults), apply ``key=value`` overrides, validate everything."""
+    if path is None:
+        return config_from_text(None, "defaults", overrides)
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    return config_from_text(path.read_text(encoding="utf-8"), str(path), overrides)
+
+
+def config_from_text(text: str | None, source: str, overrides: list[str] = ()) -> Config:
+    """``load_config`` on YAML text that came from ``source`` (named in the errors); None: defaults."""
     data: dict = {}
     lines: dict[str, int] = {}
-    source = "defaults"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.exists():
-            raise ConfigError(f"{path}: config file not found")
-        text = path.read_text(encoding="utf-8")
+    if text is not None:
         try:
             data = yaml.safe_load(text) or {}
             lines = _key_lines(yaml.compose(text))
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            where = f"{source}:{mark.line + 1}" if mark else source
             raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+            raise ConfigError(f"{source}: expected a mapping of keys at the top level")
     origins = {}
     for item in overrides:
         key, value = _parse_override(item)

@@ -61,7 +61,8 @@ def prepare(cfg: Config, progress: bool = False) -> Prepared:
         "attribute": {"column": p.attribute, "bins": p.bins},
         "dirichlet": {"alpha": p.alpha, "category": p.category, "min_users": p.min_users},
     }.get(p.method, {})
-    partition = make_partition(p.method, ds, sp.train, num_clients=p.num_clients, seed=cfg.seed, **options)
+    partition = make_partition(p.method, ds, sp.train, num_clients=p.num_clients,
+                               seed=cfg.seed if p.seed is None else p.seed, **options)
     return Prepared(cfg, ds, sp, samples, partition)
 
 
