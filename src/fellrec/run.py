@@ -182,11 +182,16 @@ def concat(parts: list[Samples]) -> Samples:
 # ---- LLM backbones, federated ---------------------------------------------------------------
 
 
-def build_backbone(cfg: Config, p: Prepared) -> BIGRec | TextRanker:
-    """Base LM + fresh LoRA adapter + the configured backbone around them."""
+def catalogue(p: Prepared) -> tuple[list[str], str]:
+    """(item titles, dataset name): all of the data the backbone is built from."""
+    return p.dataset.items["title"].astype(str).tolist(), p.dataset.name
+
+
+def build_backbone(cfg: Config, titles: list[str], dataset: str) -> BIGRec | TextRanker:
+    """Base LM + fresh LoRA adapter + the configured backbone around them, for the catalogue ``titles``
+    of ``dataset`` (its name picks the prompt's wording)."""
     m = cfg.model
-    titles = p.dataset.items["title"].astype(str).tolist()
-    prompt = Prompt.for_dataset(p.dataset.name, m.prompt_item, m.prompt_items, m.prompt_verb)
+    prompt = Prompt.for_dataset(dataset, m.prompt_item, m.prompt_items, m.prompt_verb)
     tok, base = load_base(m.name_or_path, texts=[*titles, prompt.instruction(titles[:10])], seed=cfg.seed)
     model = add_lora(base, m.lora, seed=cfg.seed).to(pick_device(m.device))
     if cfg.storage.k is not None:
@@ -226,15 +231,26 @@ def selection_metric(cfg: Config) -> str:
     return select_by
 
 
+def trainer_options(cfg: Config, initial) -> dict:
+    """The keyword arguments every client's AdapterTrainer gets (besides its id, backbone and data)."""
+    e = cfg.eval
+    return {"settings": cfg.train, "initial": initial, "seed": cfg.seed, "select_by": selection_metric(cfg),
+            "ks": tuple(e.ks), "eval_batch_size": e.batch_size}
+
+
+def client_test(p: Prepared, test: Samples, client: str) -> Samples:
+    """The test samples of ``client``'s users."""
+    return test.take(np.flatnonzero(p.client_of(test.user) == int(client)))
+
+
 def federated_run(cfg: Config, p: Prepared, test: Samples, out: Path, progress: bool):
     """Train with the configured algorithm in the embedded runtime; test each client's selected adapter."""
     t, e = cfg.train, cfg.eval
     select_by = selection_metric(cfg)
     data = client_samples(p)
-    backbone = build_backbone(cfg, p)
+    backbone = build_backbone(cfg, *catalogue(p))
     initial = read_full(backbone.model)
-    common = {"settings": t, "initial": initial, "seed": cfg.seed, "select_by": select_by, "ks": tuple(e.ks),
-              "eval_batch_size": e.batch_size}
+    common = trainer_options(cfg, initial)
     clients = {c: AdapterTrainer(c, backbone, train, valid, **common) for c, (train, valid) in data.items()}
     if t.algorithm == "centralized":
         pooled = concat([train for train, _ in data.values()])

@@ -27,7 +27,7 @@ from safetensors.torch import save as serialise
 from tqdm.auto import tqdm
 
 from fellrec.runtime.checkpoint import load_checkpoint, save_checkpoint, section
-from fellrec.strategies import Strategy, Tensors
+from fellrec.strategies import ClientUpdate, Payload, Strategy, Tensors
 
 
 def payload_bytes(tensors: Tensors) -> int:
@@ -110,10 +110,28 @@ class EmbeddedRuntime:
 
     def train_round(self, rnd: int) -> dict[str, Any]:
         chosen = clients_for_round(list(self.trainers), self.fraction, self.seed, rnd)
-        updates, train, up, down = [], {}, {}, {}
-        bar = tqdm(chosen, desc=f"round {rnd}", unit="client", leave=False, disable=not self.progress)
+        payloads = {client: self.strategy.configure_fit(rnd, client) for client in chosen}
+        updates = self.fit_clients(rnd, payloads)
+        train, up, down = {}, {}, {}
+        for client in chosen:
+            update = updates[client]
+            counts = self.strategy.communicates
+            down[client] = payload_bytes(self._travelling(payloads[client].tensors)) if counts else 0
+            up[client] = payload_bytes(self._travelling(update.tensors)) if counts else 0
+            self.bytes_down[client] += down[client]
+            self.bytes_up[client] += up[client]
+            train[client] = {**update.metrics, "examples": update.num_examples}
+        info = self.strategy.aggregate(rnd, [updates[c] for c in chosen])
+        record = {"round": rnd, "clients": chosen, "train": train, "bytes_up": up, "bytes_down": down}
+        if info:
+            record["strategy"] = info
+        return record
+
+    def fit_clients(self, rnd: int, payloads: dict[str, Payload]) -> dict[str, ClientUpdate]:
+        """Each client's local training from its payload: here one after the other, in this process."""
+        updates = {}
+        bar = tqdm(payloads, desc=f"round {rnd}", unit="client", leave=False, disable=not self.progress)
         for client in bar:
-            payload = self.strategy.configure_fit(rnd, client)
             trainer = self.trainers[client]
             steps = tqdm(total=trainer.steps_per_round, desc=f"client {client}", unit="step", leave=False,
                          disable=not self.progress)
@@ -122,30 +140,23 @@ class EmbeddedRuntime:
                 steps.update(1)
                 steps.set_postfix(loss=f"{loss:.4f}")
 
-            update = trainer.fit(payload, rnd, on_step=on_step)
+            updates[client] = trainer.fit(payloads[client], rnd, on_step=on_step)
             steps.close()
-            updates.append(update)
-            counts = self.strategy.communicates
-            down[client] = payload_bytes(self._travelling(payload.tensors)) if counts else 0
-            up[client] = payload_bytes(self._travelling(update.tensors)) if counts else 0
-            self.bytes_down[client] += down[client]
-            self.bytes_up[client] += up[client]
-            train[client] = {**update.metrics, "examples": update.num_examples}
         bar.close()
-        info = self.strategy.aggregate(rnd, updates)
-        record = {"round": rnd, "clients": chosen, "train": train, "bytes_up": up, "bytes_down": down}
-        if info:
-            record["strategy"] = info
-        return record
+        return updates
 
     def _travelling(self, tensors: Tensors) -> Tensors:
         return {k: v for k, v in tensors.items() if k not in self.kept_on_server}
 
     def validate(self, rnd: int) -> dict[str, dict[str, float]]:
+        return self.evaluate_clients(rnd, {c: self.strategy.configure_evaluate(c) for c in self.evaluators})
+
+    def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> dict[str, dict[str, float]]:
+        """Each client's validation metrics of the adapter its payload gives."""
         out = {}
-        bar = tqdm(self.evaluators.items(), desc="validate", unit="client", leave=False, disable=not self.progress)
-        for client, evaluator in bar:
-            out[client] = evaluator.evaluate(self.strategy.configure_evaluate(client), rnd)
+        bar = tqdm(payloads.items(), desc="validate", unit="client", leave=False, disable=not self.progress)
+        for client, payload in bar:
+            out[client] = self.evaluators[client].evaluate(payload, rnd)
         bar.close()
         return out
 
