@@ -124,6 +124,82 @@ def cmd_compare(args) -> None:
         print(f"\nwrote {args.out}/compare.md and {png}")
 
 
+def cmd_flower_up(args) -> None:
+    """Start a local Flower deployment on 127.0.0.1: one SuperLink and one SuperNode per client
+    (client-id 0..N-1), until Ctrl-C. Then run experiments on it with `fellrec flower run`."""
+    import signal
+    import time
+
+    from fellrec.runtime.flower.deploy import CONNECTION, LocalDeployment
+
+    if args.clients < 1:
+        raise ConfigError(f"--clients: need at least 1, got {args.clients}")
+    dep = LocalDeployment(args.home, args.clients, port=args.port)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        dep.start()
+        print(f"SuperLink on {dep.address}; {args.clients} SuperNodes (client-id 0..{args.clients - 1}); logs and "
+              f"client state in {dep.home}/")
+        print(f"flwr connection '{CONNECTION}' written to {dep.cli_home}/config.toml")
+        print("In another terminal:  fellrec flower run configs/flower-demo.yaml")
+        print("Ctrl-C stops the deployment.", flush=True)
+        while True:
+            for name, proc in [("superlink", dep.link), *((f"node-{i}", p) for i, p in dep.nodes.items())]:
+                if proc.poll() is not None:
+                    raise FellrecError(f"{name} exited with code {proc.returncode}; see {dep.log_path(name)}")
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("stopping the deployment", file=sys.stderr)
+    finally:
+        dep.stop()
+
+
+def cmd_flower_run(args) -> None:
+    """Run the experiment of CONFIG on a Flower federation (default: the one `fellrec flower up` started)
+    into runs/<name>/, and judge it by the status the SuperLink recorded."""
+    import time
+    from pathlib import Path
+
+    from fellrec.config import dump
+    from fellrec.run import per_algorithm
+    from fellrec.runtime.flower import deploy
+
+    cli_home = Path(args.flwr_home) if args.flwr_home else Path(args.home) / "cli"
+    if not (cli_home / "config.toml").exists():
+        raise ConfigError(f"{cli_home}/config.toml: no Flower connection there; start a local deployment with "
+                          "`fellrec flower up --clients N`, or give --flwr-home and --connection")
+    for cfg in per_algorithm(_config(args)):
+        out = Path(args.runs_dir).resolve() / cfg.name
+        if (out / "results.json").exists():
+            if not args.resume:
+                raise ConfigError(f"name: {out} already holds a finished run; choose another name (--set name=...)")
+        else:
+            run_config = {"fellrec-config": dump(cfg), "run-dir": str(out), "resume": bool(args.resume),
+                          "round-timeout": float(args.round_timeout)}
+            run_id = deploy.submit(cli_home, args.connection, run_config, Path(args.runs_dir).resolve() /
+                                   f".{cfg.name}.flower-run-config.toml")
+            print(f"run {run_id} submitted to '{args.connection}': {cfg.name} ({cfg.train.algorithm}, "
+                  f"{cfg.train.rounds} rounds)", flush=True)
+            seen = [0]
+
+            def progress(_record, out=out, seen=seen) -> None:
+                log = out / "metrics.jsonl"  # on this machine when the SuperLink runs here
+                if args.quiet or not log.exists():
+                    return
+                rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+                for row in rows[seen[0]:]:
+                    losses = [v.get("loss") for v in row.get("train", {}).values() if v.get("loss") is not None]
+                    loss = f", mean train loss {sum(losses) / len(losses):.4f}" if losses else ""
+                    print(f"  round {row['round']} done at {row['time_s']:.0f} s{loss}", flush=True)
+                seen[0] = len(rows)
+
+            started = time.time()
+            deploy.wait_run(cli_home, args.connection, run_id, timeout_s=args.timeout, on_poll=progress)
+            print(f"run {run_id} finished:completed in {time.time() - started:.0f} s")
+        print(f"\n{out}/")
+        print(format_results(json.loads((out / "results.json").read_text())))
+
+
 def format_results(r: dict, metrics: tuple[str, ...] = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")) -> str:
     """Per-client and overall test metrics as a table, then the imbalance across clients and the costs."""
     from fellrec.report import human_bytes
@@ -206,6 +282,8 @@ COMMANDS = {
     ("data", "formats"): cmd_data_formats,
     ("config", "show"): cmd_config_show,
     ("config", "keys"): cmd_config_keys,
+    ("flower", "up"): cmd_flower_up,
+    ("flower", "run"): cmd_flower_run,
 }
 
 
@@ -237,7 +315,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("run_dirs", nargs="+", help="finished runs' directories")
             p.add_argument("--metric", default="recall@10", help="the per-client metric compared (default recall@10)")
             p.add_argument("--out", help="also write compare.md and compare.png into this directory")
-        if func in (cmd_data_stats, cmd_config_show, cmd_run):
+        if func in (cmd_flower_up, cmd_flower_run):
+            p.add_argument("--home", default=".flower", help="the local deployment's folder: logs, client state, "
+                           "and cli/config.toml with the flwr connection (default: .flower)")
+        if func is cmd_flower_up:
+            p.add_argument("--clients", type=int, required=True, help="SuperNodes to start, one per client")
+            p.add_argument("--port", type=int, help="the SuperLink's port (default: a free one)")
+        if func is cmd_flower_run:
+            p.add_argument("--runs-dir", default="runs", help="where runs/<name>/ goes, on the SuperLink's machine "
+                           "(default: runs)")
+            p.add_argument("--flwr-home", help="a folder whose config.toml names the SuperLink (default: HOME/cli)")
+            p.add_argument("--connection", default="fellrec-local", help="the connection in that config.toml")
+            p.add_argument("--resume", action="store_true", help="continue an unfinished run, skip finished ones")
+            p.add_argument("--round-timeout", type=float, default=3600.0,
+                           help="seconds the server waits for the clients' answers to one message")
+            p.add_argument("--timeout", type=float, default=7 * 24 * 3600.0, help="seconds to wait for the run")
+            p.add_argument("--quiet", action="store_true", help="no progress lines")
+        if func in (cmd_data_stats, cmd_config_show, cmd_run, cmd_flower_run):
             p.add_argument("config", nargs="?", help="YAML config (default: all defaults)")
             p.add_argument("--set", action="append", metavar="KEY=VALUE",
                            help="override one key, e.g. --set partition.num_clients=8 (repeatable)")

@@ -52,17 +52,22 @@ from fellrec.strategies import POOLED, make_strategy
 
 def run_all(cfg: Config, runs_dir: str | Path = "runs", progress: bool = True, resume: bool = False) -> list[Path]:
     """``run`` once, or once per entry of ``algorithms`` (into ``runs/<name>-<algorithm>/``)."""
+    return [run(one, runs_dir, progress, resume) for one in per_algorithm(cfg)]
+
+
+def per_algorithm(cfg: Config) -> list[Config]:
+    """``cfg`` alone, or one config per entry of ``algorithms``, named ``<name>-<algorithm>``."""
     if not cfg.algorithms:
-        return [run(cfg, runs_dir, progress, resume)]
-    outs = []
+        return [cfg]
+    out = []
     for a in cfg.algorithms:
         one = dataclasses.replace(cfg, name=f"{cfg.name}-{a}", algorithms=[])
         if cfg.model.backbone == "ctr":
             one.fedpa = dataclasses.replace(cfg.fedpa, algorithm=a)
         else:
             one.train = dataclasses.replace(cfg.train, algorithm=a)
-        outs.append(run(one, runs_dir, progress, resume))
-    return outs
+        out.append(one)
+    return out
 
 
 def run(cfg: Config, runs_dir: str | Path = "runs", progress: bool = True, resume: bool = False) -> Path:

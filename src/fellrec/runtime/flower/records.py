@@ -1,0 +1,62 @@
+"""fellrec's payloads and updates as Flower records, and back.
+
+Tensors keep their names (the portable adapter names of ``fellrec.adapters``) as the keys of an
+``ArrayRecord``; a float32 tensor goes through Flower's serialisation bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fellrec.strategies import ClientUpdate, Payload, Tensors
+
+
+def to_arrays(tensors: Tensors) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+def from_arrays(record: ArrayRecord) -> Tensors:
+    return {k: torch.as_tensor(np.array(a.numpy(), copy=True)) for k, a in record.items()}
+
+
+def config_record(values: dict[str, Any]) -> ConfigRecord:
+    """A ConfigRecord of ``values`` (bool, int, float, str, bytes), None left out."""
+    return ConfigRecord({k: v for k, v in values.items() if v is not None})
+
+
+def payload_content(rnd: int, payload: Payload, **extra: Any) -> RecordDict:
+    return RecordDict({"arrays": to_arrays(payload.tensors),
+                       "config": config_record({**payload.config, "round": rnd, **extra})})
+
+
+def read_payload(msg: Message) -> tuple[int, Payload]:
+    config = dict(msg.content["config"])
+    rnd = int(config.pop("round"))
+    return rnd, Payload(from_arrays(msg.content["arrays"]), config)
+
+
+def update_content(client: str, update: ClientUpdate) -> RecordDict:
+    metrics = {k: float(v) for k, v in update.metrics.items()}
+    return RecordDict({"arrays": to_arrays(update.tensors),
+                       "metrics": MetricRecord({**metrics, "num-examples": int(update.num_examples)}),
+                       "info": ConfigRecord({"client-id": client})})
+
+
+def read_update(client: str, msg: Message) -> ClientUpdate:
+    metrics = dict(msg.content["metrics"])
+    n = int(metrics.pop("num-examples"))
+    steps = metrics.get("steps")
+    if steps is not None:
+        metrics["steps"] = int(steps)
+    for k in ("split_bytes_up", "split_bytes_down"):
+        if k in metrics:
+            metrics[k] = int(metrics[k])
+    return ClientUpdate(client, from_arrays(msg.content["arrays"]), n, metrics)
+
+
+def client_id_of(msg: Message) -> str:
+    return str(msg.content["info"]["client-id"])

@@ -1,0 +1,336 @@
+"""fellrec on Flower 1.41: the records, the client's state on disk, the ServerApp's message exchange,
+and whole runs that must equal the embedded runtime's.
+
+Two levels:
+- in process: the real ServerApp main loop and the real ClientApp, joined by a grid stand-in that
+  delivers each message to the ClientApp at once (and can make a node vanish);
+- a real local deployment (``slow``): one SuperLink and three SuperNodes on 127.0.0.1, runs
+  submitted with ``flwr run`` and judged by the status the SuperLink recorded.
+"""
+
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load_file
+
+from fellrec.config import dump, load_config
+from fellrec.errors import ConfigError
+from fellrec.run import run
+from fellrec.runtime.flower import deploy
+from fellrec.runtime.flower.client import ClientState, client_id
+from fellrec.runtime.flower.records import payload_content, read_payload, read_update, update_content
+from fellrec.runtime.flower.server import ClientFailed, Nodes, server_main
+from fellrec.strategies import ClientUpdate, Payload
+
+sys.path.insert(0, str(deploy.APP_DIR))
+from fellrec_flower.client_app import app as client_app
+
+THREE = ["model.name_or_path=tiny-random", "partition.method=attribute", "partition.attribute=age",
+         "partition.bins=[0,25,40,100]", "train.batch_size=4", "train.local_steps=2", "train.max_train_samples=48",
+         "eval.max_valid_samples=8", "eval.max_test_samples=24", "train.rounds=2"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FELLREC_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def serverapp_identity(monkeypatch):
+    """Flower stamps a new message with the run and task of the process; here, a ServerApp's."""
+    for key, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, key, value)
+
+
+def lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def close(a, b, path=""):
+    """a and b equal, numbers to 1e-5 (relative) — times excepted."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            if k not in ("time_s", "train_time_s", "runtime"):
+                close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float | int):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-7), path
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def assert_same_run(flower_dir: Path, embedded_dir: Path) -> None:
+    close(lines(embedded_dir / "metrics.jsonl"), lines(flower_dir / "metrics.jsonl"), "metrics")
+    res_e = json.loads((embedded_dir / "results.json").read_text())
+    res_f = json.loads((flower_dir / "results.json").read_text())
+    for key in ("overall", "clients", "imbalance", "communication", "best_round", "samples", "client_names",
+                "steps_per_round", "select_by", "algorithm", "rounds"):
+        close(res_e[key], res_f[key], key)
+    names = sorted(p.name for p in (embedded_dir / "adapters").iterdir())
+    assert names == sorted(p.name for p in (flower_dir / "adapters").iterdir())
+    for name in names:
+        a, b = load_file(embedded_dir / "adapters" / name), load_file(flower_dir / "adapters" / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{name} {k}")
+
+
+# ---- records and state --------------------------------------------------------------------------
+
+
+def test_payloads_and_updates_survive_flower_records_bit_for_bit():
+    tensors = {"base_model.model.layers.0.q_proj.lora_A.weight": torch.randn(4, 8),
+               "base_model.model.layers.0.q_proj.lora_B.weight": torch.randn(8, 4)}
+    msg = Message(payload_content(3, Payload(tensors, {"share": True, "prox_mu": 0.01})), dst_node_id=1,
+                  message_type="train")
+    rnd, payload = read_payload(msg)
+    assert rnd == 3 and payload.config == {"share": True, "prox_mu": 0.01}
+    assert all(torch.equal(payload.tensors[k], v) for k, v in tensors.items())
+    content = update_content("2", ClientUpdate("2", tensors, 48, {"loss": 1.25, "steps": 2}))
+    update = read_update("2", Message(content, dst_node_id=1, message_type="train"))
+    assert update.num_examples == 48 and update.metrics == {"loss": 1.25, "steps": 2}
+    assert isinstance(update.metrics["steps"], int)
+    assert all(torch.equal(update.tensors[k], v) for k, v in tensors.items())
+
+
+def test_client_state_reads_the_newest_round_before_and_keeps_two(tmp_path):
+    state = ClientState(tmp_path / "c")
+    for r in (1, 2, 3):
+        state.save("fit", r, {"w": torch.full((2,), float(r))}, {"r": r})
+    assert state.rounds("fit") == [2, 3]  # the oldest is gone
+    tensors, meta = state.latest("fit", 2)
+    assert meta == {"r": 2} and torch.equal(tensors["w"], torch.full((2,), 2.0))
+    assert state.latest("fit", 3)[1] == {"r": 3} and state.latest("fit", 1) is None
+    assert state.latest("eval", 9) is None
+
+
+def test_client_id_comes_from_the_node_config_never_the_node_id():
+    def ctx(nc):
+        return Context(run_id=1, node_id=987654, node_config=nc, state=RecordDict(), run_config={})
+
+    assert client_id(ctx({"client-id": 2})) == "2"
+    assert client_id(ctx({"partition-id": 1, "num-partitions": 3})) == "1"  # Flower's simulation
+    with pytest.raises(ValueError, match="node config has no client-id"):
+        client_id(ctx({}))
+
+
+# ---- the ServerApp over a grid stand-in ---------------------------------------------------------
+
+
+class LocalGrid:
+    """Delivers every message to the real ClientApp in this process, as a SuperLink would route it.
+
+    ``nodes`` maps a Flower node id to its node config; ``dead`` nodes answer NODE_UNAVAILABLE, as
+    the SuperLink does for a node that stopped heart-beating; ``on_deliver`` may change the nodes.
+    """
+
+    def __init__(self, run_config, nodes, on_deliver=None):
+        self.run_config, self.nodes, self.on_deliver = run_config, dict(nodes), on_deliver
+        self.dead: set[int] = set()
+        self.inbox: dict[str, Message] = {}
+        self.delivered: list[tuple[str, int]] = []
+
+    def get_node_ids(self):
+        return [n for n in self.nodes if n not in self.dead]
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            mid = uuid.uuid4().hex
+            m.metadata.__dict__["_message_id"] = mid
+            self.inbox[mid] = m
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids):
+        out = []
+        for mid in ids:
+            m = self.inbox.pop(mid, None)
+            if m is None:
+                continue
+            node = m.metadata.dst_node_id
+            if node in self.dead:
+                out.append(Message(Error(code=5, reason="node stopped heart-beating"), reply_to=m))
+                continue
+            self.delivered.append((m.metadata.message_type, node))
+            ctx = Context(run_id=1, node_id=node, node_config=self.nodes[node], state=RecordDict(),
+                          run_config=self.run_config)
+            try:
+                out.append(client_app(m, ctx))
+            except Exception as err:  # what a SuperNode reports when its ClientApp raised
+                out.append(Message(Error(code=2, reason=repr(err)), reply_to=m))
+            if self.on_deliver:
+                self.on_deliver(self, m)
+        return out
+
+
+def serve(cfg, run_dir, tmp_path, nodes=None, on_deliver=None):
+    rc = {"fellrec-config": dump(cfg), "run-dir": str(run_dir), "poll-s": 0.0, "round-timeout": 60.0,
+          "wait-timeout": 5.0, "retries": 3, "collect-adapters": True}
+    nodes = nodes or {100 + i: {"client-id": i, "state-dir": str(tmp_path / f"state-{i}")} for i in range(3)}
+    grid = LocalGrid(rc, nodes, on_deliver)
+    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
+    return grid
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """The embedded runtime's runs that the Flower runs must reproduce, by algorithm."""
+    out = {}
+    root = tmp_path_factory.mktemp("embedded")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FELLREC_CACHE", str(root / "cache"))
+        for alg in ("fedavg", "fellrec"):
+            out[alg] = run(load_config(None, [*THREE, f"train.algorithm={alg}", f"name={alg}"]), root, progress=False)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["fedavg", "fellrec"])
+def test_server_and_client_apps_reproduce_the_embedded_run(tmp_path, embedded, algorithm):
+    cfg = load_config(None, [*THREE, f"train.algorithm={algorithm}", f"name={algorithm}"])
+    grid = serve(cfg, tmp_path / "run", tmp_path)
+    assert_same_run(tmp_path / "run", embedded[algorithm])
+    kinds = [k for k, _ in grid.delivered]
+    assert kinds.count("train") == kinds.count("evaluate") == 6 and kinds.count("evaluate.test") == 3
+    # each client kept its own state, on its own disk
+    for i in range(3):
+        (folder,) = (tmp_path / f"state-{i}").iterdir()
+        files = sorted(p.name for p in (folder / f"client-{i}").iterdir())
+        assert files == ["adapter.safetensors", "data.pkl", "eval-1.safetensors", "eval-2.safetensors",
+                         "fit-1.safetensors", "fit-2.safetensors"]
+        kept = load_file(folder / f"client-{i}" / "adapter.safetensors")
+        sent = load_file(tmp_path / "run" / "adapters" / f"client-{i}.safetensors")
+        assert all(torch.equal(kept[k], sent[k]) for k in kept)
+
+
+@pytest.mark.slow
+def test_a_client_whose_node_restarts_mid_round_gets_its_message_again(tmp_path, embedded):
+    """Client 1's SuperNode dies after its first training message; it comes back as another node."""
+    cfg = load_config(None, [*THREE, "train.algorithm=fedavg", "name=fedavg"])
+
+    def crash(grid, msg):
+        if msg.metadata.message_type == "train" and grid.nodes[msg.metadata.dst_node_id]["client-id"] == 1 \
+                and 201 not in grid.nodes:
+            grid.dead.add(msg.metadata.dst_node_id)  # its reply is lost with it
+            grid.nodes[201] = {"client-id": 1, "state-dir": str(tmp_path / "state-1")}
+
+    original_pull = LocalGrid.pull_messages
+
+    def losing_pull(self, ids):  # a dead node's reply never arrives
+        return [r for r in original_pull(self, ids) if r.has_error() or r.metadata.src_node_id not in self.dead]
+
+    LocalGrid.pull_messages = losing_pull
+    try:
+        grid = serve(cfg, tmp_path / "run", tmp_path, on_deliver=crash)
+    finally:
+        LocalGrid.pull_messages = original_pull
+    assert ("train", 201) in grid.delivered and ("query.whoami", 201) in grid.delivered
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["runtime"]["messages_resent"] >= 1
+    assert_same_run(tmp_path / "run", embedded["fedavg"])
+
+
+@pytest.mark.slow
+def test_a_client_error_fails_the_run_with_the_clients_message(tmp_path):
+    cfg = load_config(None, [*THREE, "train.algorithm=fedavg", "name=x", "train.rounds=1"])
+    (tmp_path / "a-file").write_text("not a folder")
+    nodes = {100 + i: {"client-id": i, "state-dir": str(tmp_path / f"s{i}")} for i in range(3)}
+    nodes[102]["state-dir"] = str(tmp_path / "a-file")  # client 2 cannot keep its state there
+    with pytest.raises(ClientFailed, match=r"query on client 2 \(node 102\) failed: .*NotADirectoryError"):
+        serve(cfg, tmp_path / "run", tmp_path, nodes=nodes)
+
+
+@pytest.mark.slow
+def test_missing_clients_are_named_after_the_wait(tmp_path):
+    cfg = load_config(None, [*THREE, "train.algorithm=fedavg", "name=x", "train.rounds=1"])
+    nodes = {100: {"client-id": 0, "state-dir": str(tmp_path / "s0")}}
+    with pytest.raises(ClientFailed, match=r"no SuperNode for client\(s\) \['1', '2'\]"):
+        serve(cfg, tmp_path / "run", tmp_path, nodes=nodes)
+
+
+def test_the_server_refuses_what_has_no_flower_form(tmp_path):
+    cfg = load_config(None, [*THREE, "train.algorithm=centralized", "name=x"])
+    with pytest.raises(ConfigError, match=r"train\.algorithm: centralized"):
+        serve(cfg, tmp_path / "run", tmp_path)
+
+
+def test_exchange_names_the_clients_that_never_answer():
+    class Silent(LocalGrid):
+        def pull_messages(self, ids):
+            return []
+
+    grid = Silent({}, {})
+    nodes = Nodes(grid, timeout_s=0.2, poll_s=0.05)
+    nodes.node_of = {"0": 5, "1": 6}
+    nodes.asked = {5, 6}
+    grid.nodes = {5: {}, 6: {}}
+    with pytest.raises(ClientFailed, match=r"no answer from client\(s\) \['0', '1'\] within 0 s"):
+        nodes.exchange("train", {"0": RecordDict, "1": lambda: RecordDict({"config": ConfigRecord({})})})
+
+
+# ---- a real local deployment --------------------------------------------------------------------
+
+
+def flower_run(dep: deploy.LocalDeployment, cfg, run_dir: Path, timeout_s: float = 900, on_poll=None) -> dict:
+    run_id = deploy.submit(dep.cli_home, deploy.CONNECTION, {"fellrec-config": dump(cfg), "run-dir": str(run_dir)},
+                           run_dir.parent / f"{run_dir.name}-run-config.toml")
+    return deploy.wait_run(dep.cli_home, deploy.CONNECTION, run_id, timeout_s=timeout_s, poll_s=2.0,
+                           on_poll=on_poll)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    home = tmp_path_factory.mktemp("flower")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FELLREC_CACHE", str(home / "cache"))  # the SuperNodes' environment
+        with deploy.LocalDeployment(home, 3) as dep:
+            yield dep
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["fedavg", "fellrec"])
+def test_a_real_deployment_reproduces_the_embedded_run(deployment, embedded, tmp_path, algorithm):
+    cfg = load_config(None, [*THREE, f"train.algorithm={algorithm}", f"name={algorithm}"])
+    record = flower_run(deployment, cfg, tmp_path / "run")
+    assert record["status"] == "finished:completed"
+    assert_same_run(tmp_path / "run", embedded[algorithm])
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_run_comes_back_and_the_run_finishes(tmp_path, embedded):
+    cfg = load_config(None, [*THREE, "train.algorithm=fedavg", "name=fedavg"])
+    with deploy.LocalDeployment(tmp_path / "flower", 3) as dep:  # its own: this test restarts a node
+        log = dep.log_path("node-1")
+        killed = []
+
+        def kill_in_round_one(_run):
+            # whoami, setup, then the first training message: kill the SuperNode while it trains
+            if not killed and log.read_text(errors="replace").count("Start `flwr-clientapp` process") >= 3:
+                time.sleep(1.0)
+                dep.kill_node(1)
+                dep.start_node(1)
+                killed.append(True)
+
+        record = flower_run(dep, cfg, tmp_path / "run", on_poll=kill_in_round_one)
+    assert killed and record["status"] == "finished:completed"
+    assert_same_run(tmp_path / "run", embedded["fedavg"])
+
+
+def test_a_failed_run_is_reported_as_failed_not_by_exit_code(tmp_path, monkeypatch):
+    """A ServerApp that raises leaves flwr run's exit code at 0; wait_run reads the recorded status."""
+    calls = iter([{"status": "running"}, {"status": "finished:failed", "status-details": "ServerApp failed: boom"}])
+    monkeypatch.setattr(deploy, "status", lambda *a: next(calls))
+    monkeypatch.setattr(deploy, "flwr", lambda *a, **k: type("Done", (), {"stdout": "log tail", "returncode": 0})())
+    with pytest.raises(deploy.RunFailed, match="finished:failed: ServerApp failed: boom"):
+        deploy.wait_run(tmp_path, "c", 7, timeout_s=5, poll_s=0.0)
