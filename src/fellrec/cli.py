@@ -177,7 +177,7 @@ def cmd_flower_run(args) -> None:
             run_config = {"fellrec-config": dump(cfg), "run-dir": str(out), "resume": bool(args.resume),
                           "round-timeout": float(args.round_timeout)}
             run_id = deploy.submit(cli_home, args.connection, run_config, Path(args.runs_dir).resolve() /
-                                   f".{cfg.name}.flower-run-config.toml")
+                                   f".{cfg.name}.flower-run-config.toml", args.federation_config)
             print(f"run {run_id} submitted to '{args.connection}': {cfg.name} ({cfg.train.algorithm}, "
                   f"{cfg.train.rounds} rounds)", flush=True)
             seen = [0]
@@ -330,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--round-timeout", type=float, default=3600.0,
                            help="seconds the server waits for the clients' answers to one message")
             p.add_argument("--timeout", type=float, default=7 * 24 * 3600.0, help="seconds to wait for the run")
+            p.add_argument("--federation-config", help="passed on to flwr run, e.g. 'num-supernodes=5' for a "
+                           "simulation SuperLink")
             p.add_argument("--quiet", action="store_true", help="no progress lines")
         if func in (cmd_data_stats, cmd_config_show, cmd_run, cmd_flower_run):
             p.add_argument("config", nargs="?", help="YAML config (default: all defaults)")

@@ -190,13 +190,20 @@ def flwr(cli_home: Path, *args: str, timeout: float = 120) -> subprocess.Complet
                           timeout=timeout)
 
 
-def submit(cli_home: Path, connection: str, run_config: dict[str, Any], config_file: Path) -> int:
-    """Start fellrec's app on the SuperLink of ``connection``; returns the run id at once."""
+def submit(cli_home: Path, connection: str, run_config: dict[str, Any], config_file: Path,
+           federation_config: str | None = None) -> int:
+    """Start fellrec's app on the SuperLink of ``connection``; returns the run id at once.
+
+    ``run_config`` goes through a TOML file (``config_file``): the fellrec config is many lines of
+    YAML. ``federation_config`` is passed on as ``flwr run --federation-config`` (simulation).
+    """
     import tomli_w
 
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(tomli_w.dumps(run_config), encoding="utf-8")
-    r = flwr(cli_home, "run", str(APP_DIR), connection, "--format", "json", "--run-config", str(config_file))
+    extra = ["--federation-config", federation_config] if federation_config else []
+    r = flwr(cli_home, "run", str(APP_DIR), connection, "--format", "json", "--run-config", str(config_file),
+             *extra)
     try:
         return int(json.loads(r.stdout)["run-id"])
     except (ValueError, KeyError, TypeError):
