@@ -299,8 +299,9 @@ def deployment(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["fedavg", "fellrec"])
-def test_a_real_deployment_reproduces_the_embedded_run(deployment, embedded, tmp_path, algorithm):
+def test_a_real_deployment_reproduces_the_embedded_fellrec_run(deployment, embedded, tmp_path):
+    """FELLRec here; FedAvg on a real deployment is the next test's run (with a SuperNode killed)."""
+    algorithm = "fellrec"
     cfg = load_config(None, [*THREE, f"train.algorithm={algorithm}", f"name={algorithm}"])
     record = flower_run(deployment, cfg, tmp_path / "run")
     assert record["status"] == "finished:completed"
