@@ -47,6 +47,7 @@ class SplitDecoder(torch.nn.Module):
         self.transport = transport
         self.client = client
         self.requests = itertools.count()
+        self.sessions = itertools.count()  # generation sessions (the trunk's key/value caches on the server)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, use_cache: bool = False, **_) -> SimpleNamespace:
         pos = positions(attention_mask)

@@ -10,7 +10,6 @@ so the same search runs the whole model (``whole_model_step``) for comparison.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 
 import torch
@@ -95,14 +94,11 @@ def whole_model_step(model) -> Step:
     return step
 
 
-_sessions = itertools.count()
-
-
 def split_model_step(split) -> tuple[Step, Callable[[], None]]:
     """``step`` for a ``SplitLM``: the head and tail cache here, the trunk's on the server."""
     part, transport, client = split.client, split.transport, split.decoder.client
     cache = DynamicCache(config=part.config)
-    session = torch.tensor(next(_sessions))
+    session = torch.tensor(next(split.decoder.sessions))
     requests = split.decoder.requests
 
     def step(ids: Tensor, mask: Tensor, pos: Tensor, beam_idx: Tensor | None) -> Tensor:

@@ -13,19 +13,25 @@ local training, ``step_trunk`` after each local step.
 
 ``generate`` runs BIGRec's beam search split: the client keeps its blocks' key/value cache, the
 server keeps the trunk's per session (``fellrec.storage.generate``).
+
+``ClientSplitLM`` is the client's half alone, for a trunk in another process or machine: it holds
+no trunk block (``SplitLM.client_half`` drops them), its ``transport`` reaches the server, and the
+trunk adapter, its optimizer and its steps are the server's business (``trunk_names`` is empty: the
+adapter it hands out and takes in is the client's part, in and out).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from fellrec.storage.client import SplitDecoder
-from fellrec.storage.parts import cut, trainable
+from fellrec.storage.parts import ClientPart, adapters_off, cut, trainable
 from fellrec.storage.server import TrunkServer
-from fellrec.storage.transport import InProcessTransport
+from fellrec.storage.transport import InProcessTransport, Message, Transport
 
 
 class SplitLM(nn.Module):
@@ -73,6 +79,18 @@ class SplitLM(nn.Module):
         self.server.trunk.train(mode)
         return self
 
+    def client_half(self, transport: Transport) -> ClientSplitLM:
+        """The client's part alone, talking to the trunk through ``transport``. The trunk blocks are
+        taken out of the whole model, so once this ``SplitLM`` is dropped, no trunk weight is left in
+        this process."""
+        inner = self._whole[0].get_base_model() if hasattr(self._whole[0], "get_base_model") else self._whole[0]
+        for i in self.server.trunk.block_indices():
+            inner.model.layers[i] = nn.Identity()
+        half = ClientSplitLM(self.client, transport, self.k, self.tail)
+        half.train(self.training)
+        self.server = self._whole = self.transport = self.decoder.transport = None
+        return half
+
     def generate(self, input_ids, attention_mask, *, num_beams: int = 4, max_new_tokens: int = 32,
                  eos_token_id: int, pad_token_id: int | None = None, do_sample: bool = False):
         """Beam search in split mode (``fellrec.storage.generate``), returned as transformers'
@@ -93,3 +111,58 @@ class SplitLM(nn.Module):
         for i, x in enumerate(new):
             tail[i, :len(x)] = torch.tensor(x, dtype=input_ids.dtype)
         return torch.cat([input_ids, tail], dim=1)
+
+
+class ClientSplitLM(SplitLM):
+    """The client's part of a split model whose trunk runs elsewhere, behind ``transport``.
+
+    ``transport`` may be replaced between calls (the Flower client gives it a new one for every
+    message). While ``disable_adapter`` is on, forward and decode requests carry ``adapter = 0`` so
+    that the server runs its trunk without the adapter too.
+    """
+
+    def __init__(self, client: ClientPart, transport: Transport, k: int, tail: int):
+        nn.Module.__init__(self)
+        self.client = client
+        self.transport = transport
+        self.decoder = SplitDecoder(client, _Flagged(self), client="")
+        self.k, self.tail = k, tail
+        self.adapter_on = True
+
+    def trunk_names(self) -> list[str]:
+        return []
+
+    def trunk_adapter(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def set_trunk_adapter(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors:
+            raise ValueError("the trunk adapter is the server's: this client holds no trunk")
+
+    def reset_trunk_optimizer(self, make: Callable | None) -> None:
+        """Nothing here: the server resets the trunk's optimizer when the client's training begins."""
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        with adapters_off(self.client):
+            self.adapter_on = False
+            try:
+                yield
+            finally:
+                self.adapter_on = True
+
+    def train(self, mode: bool = True):
+        return nn.Module.train(self, mode)
+
+
+class _Flagged:
+    """The transport as the decoder sees it: ``adapter = 0`` added to requests while the adapter is off."""
+
+    def __init__(self, model: ClientSplitLM):
+        self.model = model
+
+    def send(self, message: Message) -> Message:
+        if not self.model.adapter_on and message.kind in ("forward", "decode"):
+            message = Message(message.kind, message.client, message.request,
+                              {**message.tensors, "adapter": torch.tensor(0)})
+        return self.model.transport.send(message)

@@ -14,6 +14,8 @@ carry the same names as in the whole model (``fellrec.adapters``) and can be agg
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -132,6 +134,23 @@ def load_adapter(part: ClientPart | TrunkPart, tensors: dict[str, Tensor]) -> No
     with torch.no_grad():
         for name, p in live.items():
             p.copy_(tensors[name])
+
+
+@contextmanager
+def adapters_off(part: nn.Module) -> Iterator[None]:
+    """The part's LoRA layers switched off (the base model's output), as peft's ``disable_adapter``
+    does for a whole model; for a part that is alone in its process (the trunk on the server, the
+    client's part when the trunk is elsewhere)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in part.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
 
 
 def positions(attention_mask: Tensor) -> Tensor:

@@ -7,17 +7,27 @@ the client's trunk optimizer and zeroes them. Generation: ``decode`` runs the tr
 key/value cache per (client, session) until ``release``; ``reorder`` follows the beams the client
 kept. The client drives everything. Requests of one client are served in order; the trunk adapter
 is swapped in per request, so one trunk serves every client.
+
+A forward or decode request that carries ``adapter = 0`` runs the trunk with its LoRA layers off
+(the base model: what ``disable_adapter`` gives when the trunk is in another process).
+
+``TrunkServer`` keeps one set of adapter weights and swaps each client's values in: a client's
+forward and backward must not be interleaved with another client's (the embedded runtime trains
+one client after the other). ``ConcurrentTrunkServer`` gives each client its own parameter
+objects instead, so the graphs of several clients can wait for their backward at once (the Flower
+runtime, where every client trains at the same time).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from fellrec.storage.parts import TrunkPart, adapter_of, load_adapter
+from fellrec.storage.parts import TrunkPart, adapter_of, adapters_off, load_adapter, whole_name
 from fellrec.storage.transport import Message
 
 
@@ -50,7 +60,11 @@ class TrunkServer:
         """A fresh trunk optimizer for ``client`` (``make(params) -> (optimizer, scheduler or None)``)."""
         self.optimizers.pop(client, None)
         if make is not None:
-            self.optimizers[client] = make(self.params)
+            self.optimizers[client] = make(self._params(client))
+
+    def _params(self, client: str) -> list[torch.nn.Parameter]:
+        """The parameters ``client``'s trunk adapter trains (here: the trunk's, shared)."""
+        return self.params
 
     def _load(self, client: str) -> None:
         if self.loaded != client:
@@ -66,7 +80,7 @@ class TrunkServer:
             t = message.tensors
             train = bool(t["train"].item())
             hidden = t["hidden"].requires_grad_(train)
-            with torch.set_grad_enabled(train):
+            with torch.set_grad_enabled(train), _adapter(self.trunk, t):
                 out = self.trunk(hidden, t["attention_mask"], t["position_ids"])
             if train:
                 self.pending[(c, r)] = (hidden, out)
@@ -82,7 +96,7 @@ class TrunkServer:
             key = (c, int(t["session"].item()))
             if key not in self.sessions:
                 self.sessions[key] = DynamicCache(config=self.trunk.config)
-            with torch.no_grad():
+            with torch.no_grad(), _adapter(self.trunk, t):
                 out = self.trunk(t["hidden"], t["attention_mask"], t["position_ids"], cache=self.sessions[key])
             return Message("decode", c, r, {"hidden": out})
         if message.kind == "reorder":  # beam search kept these rows
@@ -94,17 +108,82 @@ class TrunkServer:
             return Message("release", c, r, {})
         if message.kind == "step":
             self._load(c)
+            params = self._params(c)
             if c not in self.optimizers and self.make_optimizer is not None:
-                self.optimizers[c] = self.make_optimizer(self.params)
+                self.optimizers[c] = self.make_optimizer(params)
             optimizer = self.optimizers.get(c)
             if optimizer is not None:
                 optimizer, scheduler = optimizer if isinstance(optimizer, tuple) else (optimizer, None)
                 if self.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
-            for p in self.params:
+            for p in params:
                 p.grad = None
             return Message("step", c, r, {})
         raise ValueError(f"unknown message kind {message.kind!r}")
+
+
+def _adapter(trunk: TrunkPart, tensors: dict[str, Tensor]):
+    """The trunk's LoRA layers off for a request that says ``adapter = 0``."""
+    if "adapter" in tensors and not bool(tensors["adapter"].item()):
+        return adapters_off(trunk)
+    return nullcontext()
+
+
+class ConcurrentTrunkServer(TrunkServer):
+    """A ``TrunkServer`` whose clients each own their trunk adapter's parameter objects.
+
+    ``_load`` puts the client's parameters into the trunk's LoRA layers (it swaps the objects, never
+    their values), so a graph kept for one client's backward still holds that client's weights, and
+    its gradients accumulate in them, whatever other clients ran since. Each client's optimizer
+    works on its own parameters.
+    """
+
+    def __init__(self, trunk: TrunkPart, make_optimizer: Callable | None = None):
+        super().__init__(trunk, make_optimizer)
+        self.slots = {whole_name(f"{m}.{n}" if m else n): (module, n)
+                      for m, module in trunk.named_modules() for n, p in module.named_parameters(recurse=False)
+                      if p.requires_grad}
+        self.weights: dict[str, dict[str, torch.nn.Parameter]] = {}
+
+    def _own(self, client: str) -> dict[str, torch.nn.Parameter]:
+        if client not in self.weights:
+            device = self.params[0].device if self.params else None
+            self.weights[client] = {k: torch.nn.Parameter(v.to(device, copy=True)) for k, v in self.initial.items()}
+        return self.weights[client]
+
+    def _params(self, client: str) -> list[torch.nn.Parameter]:
+        return list(self._own(client).values())
+
+    def adapter(self, client: str) -> dict[str, Tensor]:
+        if client not in self.weights:
+            return self.initial
+        return {k: p.detach().to("cpu", copy=True) for k, p in self.weights[client].items()}
+
+    def set_adapter(self, client: str, tensors: dict[str, Tensor]) -> None:
+        own = self._own(client)
+        missing = sorted(set(own) - set(tensors))
+        if missing:
+            raise ValueError(f"trunk adapter tensors missing: {missing[:3]}")
+        with torch.no_grad():
+            for k, p in own.items():
+                p.copy_(tensors[k])
+
+    def drop(self, client: str) -> None:
+        """Forget ``client``'s graphs, caches, gradients and optimizer (an exchange that was cut short)."""
+        for key in [k for k in self.pending if k[0] == client]:
+            del self.pending[key]
+        for key in [k for k in self.sessions if k[0] == client]:
+            del self.sessions[key]
+        for p in self.weights.get(client, {}).values():
+            p.grad = None
+        self.optimizers.pop(client, None)
+
+    def _load(self, client: str) -> None:
+        if self.loaded != client:
+            for name, p in self._own(client).items():
+                module, attr = self.slots[name]
+                module._parameters[attr] = p
+            self.loaded = client

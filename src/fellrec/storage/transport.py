@@ -34,7 +34,9 @@ class Transport(Protocol):
 
 
 def encode(message: Message) -> bytes:
-    header = {"kind": message.kind, "client": message.client, "request": str(message.request)}
+    # the request number at a fixed width: a message's size depends on what it carries, not on how many
+    # messages came before it (runtimes that number requests differently count the same bytes)
+    header = {"kind": message.kind, "client": message.client, "request": f"{message.request:012d}"}
     tensors = {k: v.detach().contiguous() for k, v in message.tensors.items()}
     return serialise(tensors, metadata={"fellrec": json.dumps(header)})
 

@@ -1,0 +1,150 @@
+"""Split execution when the client cannot wait for the server: replay with the replies it has.
+
+Where only the server may send (Flower: a client answers messages, it never calls the server) and
+each message may find the client in a new process, the client cannot stop in the middle of a
+backward pass to wait for the trunk's gradient. It runs its work instead as a *pass* over a
+``ReplayTransport`` that answers every request from the server's replies it was given:
+
+- a request whose reply is known gets it;
+- a content-free request (``step``, ``reorder``, ``release``: the server's reply carries nothing) gets
+  an empty reply at once and is queued for the server, which applies the requests in order;
+- a ``forward`` or ``backward`` request without a reply is queued too and, with ``speculate``, answered
+  with a placeholder of the reply's shape so that the pass goes on and queues the requests that do not
+  depend on it: the other micro-batches of an evaluation, the backward of a step with the forward of
+  the next one at k = 0. In training (a backward, a forward that keeps its graph) the placeholder is
+  NaN, which marks what depends on it: a request that carries a non-finite value after a placeholder
+  was handed out stops the pass (``NeedReplies``). Without a graph (evaluation) it is 0, as NaN would
+  stop the ranking metrics at the first batch; there nothing later depends on a forward's output
+  (each batch stands alone) and the check below would catch it if something did. Without
+  ``speculate``, and always for ``decode`` (whose reply steers the beam search), the pass stops at the
+  first request without a reply;
+- the pass also stops once the queued requests pass ``max_bytes``.
+
+Once stopped, the transport answers nothing more (what the work sends while it unwinds, a ``finally``
+that releases a generation session, say, is not the work's next request).
+
+A pass that handed out a placeholder computed garbage after it; the caller throws its results away,
+sends the queued requests, and runs the pass again (the same requests, in the same order, with the
+same numbers: the work must be deterministic) once the replies are there. Each pass gets at least
+one reply further, so the work ends. ``sent`` holds a fingerprint of each request the server
+answered; a request that comes again with other contents than the one answered raises
+``ReplayDiverged`` (work that is not deterministic, or a placeholder that leaked into a request).
+
+Bytes are counted as ``InProcessTransport`` counts them, once per request and reply of a pass;
+``clean`` says whether the pass so far used real replies only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from fellrec.storage.transport import Message, encode
+
+CONTENT_FREE = frozenset({"step", "reorder", "release"})
+SPECULATIVE = frozenset({"forward", "backward"})
+_ANSWER = {"forward": "hidden", "backward": "grad", "decode": "hidden"}  # the reply's tensor: the request's shape
+
+
+class NeedReplies(Exception):
+    """The pass cannot go on before the server answers the transport's ``pending`` requests."""
+
+
+class ReplayDiverged(RuntimeError):
+    """A request came again with other contents than the one the server answered."""
+
+
+class ReplayTransport:
+    def __init__(self, replies: dict[tuple[str, int], Message] | None = None, *, speculate: bool = True,
+                 max_bytes: int = 256 << 20, sent: dict[tuple[str, int], dict] | None = None):
+        self.replies = dict(replies or {})
+        self.sent = sent or {}
+        self.speculate, self.max_bytes = speculate, max_bytes
+        self.pending: list[Message] = []
+        self.pending_bytes = 0
+        self.placeholders = 0
+        self.stopped = False
+        self.bytes_up = self.bytes_down = self.messages = 0
+
+    @property
+    def clean(self) -> bool:
+        """No placeholder handed out and nothing waiting for the server: what the pass computed so far
+        is what the real exchange gives."""
+        return self.placeholders == 0 and not self.pending
+
+    def send(self, message: Message) -> Message:
+        if self.stopped:
+            raise NeedReplies
+        up = len(encode(message))
+        key = (message.kind, message.request)
+        reply = self.replies.get(key)
+        if reply is not None and key in self.sent and not same(fingerprint(message), self.sent[key]):
+            raise ReplayDiverged(f"{message.kind} request {message.request} of client {message.client!r} differs "
+                                 "from the one the server answered: the client's work is not deterministic")
+        if reply is None:
+            if message.kind in CONTENT_FREE:
+                reply = Message(message.kind, message.client, message.request, {})
+                self._queue(message, up)
+            else:
+                if self.placeholders and not _finite(message):
+                    self._stop()  # it depends on a placeholder
+                self._queue(message, up)
+                if not (self.speculate and message.kind in SPECULATIVE):
+                    self._stop()
+                self.placeholders += 1
+                training = message.kind == "backward" or bool(message.tensors["train"].item())
+                shape_of = message.tensors["hidden" if message.kind == "forward" else "grad"]
+                reply = Message(message.kind, message.client, message.request,
+                                {_ANSWER[message.kind]: torch.full_like(shape_of, float("nan") if training else 0.0)})
+        self.bytes_up += up
+        self.bytes_down += len(encode(reply))
+        self.messages += 1
+        return reply
+
+    def _queue(self, message: Message, size: int) -> None:
+        self.pending.append(message)
+        self.pending_bytes += size
+        if self.pending_bytes > self.max_bytes:
+            self._stop()
+
+    def _stop(self):
+        self.stopped = True
+        raise NeedReplies
+
+
+def _finite(message: Message) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in message.tensors.values() if t.is_floating_point())
+
+
+def fingerprint(message: Message) -> dict[str, list]:
+    """What identifies a request's contents: shapes, exact integer tensors, and the sum and sum of
+    squares of floating ones (recomputed activations may differ in the last bits on some devices)."""
+    out = {}
+    for name, t in sorted(message.tensors.items()):
+        t = t.detach().cpu()
+        if t.is_floating_point():
+            x = t.double()
+            out[name] = [list(t.shape), float(x.sum()), float((x * x).sum())]
+        else:
+            out[name] = [list(t.shape), hashlib.sha1(t.contiguous().numpy().tobytes()).hexdigest()]
+    return out
+
+
+def same(a: dict[str, list], b: dict[str, list], rel: float = 1e-4) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for name, x in a.items():
+        y = b[name]
+        if x[0] != y[0]:
+            return False
+        if isinstance(x[1], str) or isinstance(y[1], str):
+            if x[1] != y[1]:
+                return False
+            continue
+        n = max(1, math.prod(x[0]))
+        scale = max(abs(x[2]), abs(y[2]))
+        if not (abs(x[2] - y[2]) <= rel * scale + 1e-12 and abs(x[1] - y[1]) <= rel * (n * scale) ** 0.5 + 1e-12):
+            return False
+    return True
