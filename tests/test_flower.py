@@ -8,10 +8,13 @@ Two levels:
   submitted with ``flwr run`` and judged by the status the SuperLink recorded.
 """
 
+import gc
 import json
 import sys
 import time
 import uuid
+import weakref
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -335,3 +338,116 @@ def test_a_failed_run_is_reported_as_failed_not_by_exit_code(tmp_path, monkeypat
     monkeypatch.setattr(deploy, "flwr", lambda *a, **k: type("Done", (), {"stdout": "log tail", "returncode": 0})())
     with pytest.raises(deploy.RunFailed, match="finished:failed: ServerApp failed: boom"):
         deploy.wait_run(tmp_path, "c", 7, timeout_s=5, poll_s=0.0)
+
+
+# ---- split mode (flexible storage) over Flower ----------------------------------------------------
+
+# tiny-random has 2 blocks: k = 0 leaves block 0 to the server. LoRA dropout 0: with dropout the
+# trunk's masks come from the server's stream, not the client's as in the embedded run.
+SPLIT = [*THREE, "train.rounds=1", "storage.k=0", "model.lora.dropout=0", "eval.batch_size=4",
+         "train.algorithm=fedavg", "name=split"]
+BIGREC = [*SPLIT, "model.backbone=bigrec", "model.num_beams=2", "model.max_new_tokens=6", "eval.max_test_samples=9",
+          "name=split-bigrec"]
+
+
+def embedded_split_run(root: Path, sets: list[str]) -> Path:
+    """The embedded split run of ``sets``. A first run of no round puts the frozen base model's item
+    vectors into the cache: otherwise the embedded runtime computes them inside client 0's first
+    local training and counts their activations among that training's split bytes (the Flower
+    server computes them itself)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FELLREC_CACHE", str(root / "cache"))
+        run(load_config(None, [*sets, "train.rounds=0", "name=warm"]), root, progress=False)
+        return run(load_config(None, sets), root, progress=False)
+
+
+@pytest.fixture(scope="module")
+def embedded_split(tmp_path_factory):
+    return embedded_split_run(tmp_path_factory.mktemp("embedded-split"), SPLIT)
+
+
+@pytest.mark.slow
+def test_split_mode_over_flower_reproduces_the_embedded_split_run(tmp_path, embedded_split):
+    grid = serve(load_config(None, SPLIT), tmp_path / "run", tmp_path)
+    assert_same_run(tmp_path / "run", embedded_split)  # losses, split bytes, metrics, adapters
+    kinds = Counter(k for k, _ in grid.delivered)
+    # 2 local steps at k = 0: the first forward; a step's backward and step with the next forward; the last
+    # backward and step; the update. Validation and test: every micro-batch in one message, then the result.
+    assert (kinds["train"], kinds["train.split"]) == (3, 9)
+    assert (kinds["evaluate"], kinds["evaluate.split"]) == (3, 3)
+    assert (kinds["evaluate.test"], kinds["evaluate.test_split"]) == (3, 3)
+    assert kinds["query.split"] == 3
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    traffic = results["runtime"]["split"]
+    assert traffic["train"]["requests"] == 3 * (2 * 2 + 2)  # per client: 2 forwards, 2 backwards, 2 steps
+    assert traffic["evaluate"]["requests"] > 3 and traffic["evaluate.test"]["requests"] > 3  # micro-batches
+    first = lines(tmp_path / "run" / "metrics.jsonl")[0]
+    assert all(m["split_bytes_up"] > 0 and m["split_bytes_down"] > 0 for m in first["train"].values())
+    for i in range(3):  # the client keeps its part; the run's adapter is its part and the trunk's
+        (folder,) = (tmp_path / f"state-{i}").iterdir()
+        kept = load_file(folder / f"client-{i}" / "adapter.safetensors")
+        whole = load_file(tmp_path / "run" / "adapters" / f"client-{i}.safetensors")
+        assert kept and not any(".layers.0." in k for k in kept)
+        assert set(whole) - set(kept) and all(".layers.0." in k for k in set(whole) - set(kept))
+
+
+@pytest.mark.slow
+def test_a_split_client_holds_no_trunk_weights(tmp_path, monkeypatch):
+    from fellrec.runtime.flower.client import ClientNode
+    from fellrec.storage.model import SplitLM
+
+    built = []
+    original = SplitLM.client_half
+
+    def watched(self, transport):
+        built.extend(weakref.ref(p) for p in self.server.trunk.parameters())
+        return original(self, transport)
+
+    monkeypatch.setattr(SplitLM, "client_half", watched)
+    node = ClientNode(dump(load_config(None, SPLIT)), "0", tmp_path / "state")
+    gc.collect()
+    assert built and all(ref() is None for ref in built)  # built whole to be cut, then freed
+    model = node.backbone.model
+    assert {n.split(".")[1] for n, _ in model.named_parameters()} <= {"embed_tokens", "tail", "norm", "lm_head"}
+    assert node.initial and not any(".layers.0." in k for k in node.initial)  # block 0 is the server's
+
+
+@pytest.mark.slow
+def test_a_split_client_whose_node_restarts_mid_exchange_goes_on_from_its_disk(tmp_path, embedded_split):
+    """Client 1's SuperNode dies after its first train.split message (its reply is lost); it comes back
+    as another node with the same state folder and the message is sent again."""
+    def crash(grid, msg):
+        if msg.metadata.message_type == "train.split" and grid.nodes[msg.metadata.dst_node_id]["client-id"] == 1 \
+                and 201 not in grid.nodes:
+            grid.dead.add(msg.metadata.dst_node_id)
+            grid.nodes[201] = {"client-id": 1, "state-dir": str(tmp_path / "state-1")}
+
+    original_pull = LocalGrid.pull_messages
+
+    def losing_pull(self, ids):  # a dead node's reply never arrives
+        return [r for r in original_pull(self, ids) if r.has_error() or r.metadata.src_node_id not in self.dead]
+
+    LocalGrid.pull_messages = losing_pull
+    try:
+        grid = serve(load_config(None, SPLIT), tmp_path / "run", tmp_path, on_deliver=crash)
+    finally:
+        LocalGrid.pull_messages = original_pull
+    assert ("train.split", 201) in grid.delivered
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["runtime"]["messages_resent"] >= 1
+    assert_same_run(tmp_path / "run", embedded_split)
+
+
+@pytest.mark.slow
+def test_split_bigrec_over_flower_trains_validates_and_generates_as_the_embedded_run(tmp_path):
+    expected = embedded_split_run(tmp_path / "embedded", BIGREC)
+    grid = serve(load_config(None, BIGREC), tmp_path / "run", tmp_path)
+    assert_same_run(tmp_path / "run", expected)
+    kinds = Counter(k for k, _ in grid.delivered)
+    assert kinds["evaluate.test_split"] > 3  # beam search: a round trip per generated token
+
+
+@pytest.mark.slow
+def test_a_real_deployment_runs_split_mode_as_the_embedded_split_run(deployment, embedded_split, tmp_path):
+    record = flower_run(deployment, load_config(None, SPLIT), tmp_path / "run")
+    assert record["status"] == "finished:completed"
+    assert_same_run(tmp_path / "run", embedded_split)

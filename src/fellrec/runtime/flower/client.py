@@ -107,6 +107,14 @@ class ClientNode:
         self.state = ClientState(root / run_key(config_text, cfg.name) / f"client-{client}")
         self.data = self._data()
         self.backbone = build_backbone(cfg, self.data["titles"], self.data["dataset"])
+        self.split = cfg.storage.k is not None
+        if self.split:  # keep the client's part alone: the trunk is the ServerApp's (see ``split``)
+            import gc
+
+            from fellrec.storage.replay import ReplayTransport
+
+            self.backbone.model = self.backbone.model.client_half(ReplayTransport())
+            gc.collect()
         self.initial = read_full(self.backbone.model)
         self.trainer = AdapterTrainer(client, self.backbone, self.data["train"], self.data["valid"],
                                       **trainer_options(cfg, self.initial))
@@ -162,17 +170,27 @@ class ClientNode:
         info = {"client-id": self.client, "name": d["name"], "num-clients": d["num_clients"], "dataset": d["dataset"]}
         counts = {"train": len(t.train), "valid": len(t.valid), "test": len(self.test_samples),
                   "steps-per-round": int(t.steps_per_round)}
+        if self.split:  # the server builds the base model too: the tiny test model's tokenizer needs the titles
+            info["titles"] = list(d["titles"])
         return RecordDict({"arrays": to_arrays(self.initial), "info": ConfigRecord(info),
                            "metrics": MetricRecord(counts)})
 
-    def fit(self, msg: Message) -> RecordDict:
+    def fit(self, msg: Message, context: Context | None = None) -> RecordDict:
+        if self.split:
+            from fellrec.runtime.flower.split import client_fit, max_bytes
+
+            return client_fit(self, msg, max_bytes(context))
         rnd, payload = read_payload(msg)
         self.load(rnd - 1, rnd - 1)
         update = self.trainer.fit(payload, rnd)
         self.state.save("fit", rnd, self.trainer.private)
         return update_content(self.client, update)
 
-    def evaluate(self, msg: Message) -> RecordDict:
+    def evaluate(self, msg: Message, context: Context | None = None) -> RecordDict:
+        if self.split:
+            from fellrec.runtime.flower.split import client_evaluate, max_bytes
+
+            return client_evaluate(self, msg, max_bytes(context))
         rnd, payload = read_payload(msg)
         self.load(rnd, rnd - 1)
         scores = self.trainer.evaluate(payload, rnd)
@@ -181,9 +199,13 @@ class ClientNode:
         return RecordDict({"metrics": MetricRecord({k: float(v) for k, v in scores.items()}),
                            "info": ConfigRecord({"client-id": self.client})})
 
-    def test(self, msg: Message) -> RecordDict:
+    def test(self, msg: Message, context: Context | None = None) -> RecordDict:
         from fellrec.files import save_tensors
 
+        if self.split:
+            from fellrec.runtime.flower.split import client_test, max_bytes
+
+            return client_test(self, msg, max_bytes(context))
         rounds = int(msg.content["config"]["round"])
         self.load(rounds, rounds)
         t = self.trainer
@@ -229,13 +251,23 @@ def handle_setup(msg: Message, context: Context) -> Message:
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    return reply(msg, node_for(context).fit(msg))
+    """``train``, and in split mode ``train.split`` (the same exchange, one message further)."""
+    return reply(msg, node_for(context).fit(msg, context))
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
-    return reply(msg, node_for(context).evaluate(msg))
+    """``evaluate``, and in split mode ``evaluate.split``."""
+    return reply(msg, node_for(context).evaluate(msg, context))
 
 
 def handle_test(msg: Message, context: Context) -> Message:
-    return reply(msg, node_for(context).test(msg))
+    """``evaluate.test``, and in split mode ``evaluate.test_split``."""
+    return reply(msg, node_for(context).test(msg, context))
+
+
+def handle_split_setup(msg: Message, context: Context) -> Message:
+    """``query.split`` (split mode): what the server computed from the frozen base model for the client."""
+    from fellrec.runtime.flower.split import client_public
+
+    return reply(msg, client_public(node_for(context), msg))
 

@@ -176,6 +176,14 @@ class FlowerRuntime(EmbeddedRuntime):
         replies = self.nodes.exchange("evaluate", contents, group=f"evaluate-{rnd}")
         return {c: {k: float(v) for k, v in replies[c].content["metrics"].items()} for c in payloads}
 
+    def test_clients(self, rounds: int, send_adapter: bool) -> dict[str, Any]:
+        """Each client's test content: per-user ``scores``, ``metrics`` (its best round) and, if asked,
+        its selected adapter (``arrays``)."""
+        replies = self.nodes.exchange("evaluate.test", {
+            c: (lambda: RecordDict({"config": ConfigRecord({"round": rounds, "send-adapter": send_adapter})}))
+            for c in self.trainers}, group="test")
+        return {c: replies[c].content for c in self.trainers}
+
     def _stateful(self) -> dict[str, Any]:
         return {}  # the clients keep their own state
 
@@ -232,21 +240,25 @@ def server_main(grid, context) -> None:
                   retries=int(rc.get("retries", 3)))
     info, initial = setup(nodes, float(rc.get("wait-timeout", 300.0)))
     clients = sorted(info, key=int)
+    host = None
+    if cfg.storage.k is not None:  # split mode: the trunk lives here (fellrec.runtime.flower.split)
+        from fellrec.runtime.flower.split import SplitFlowerRuntime, start_host
+
+        host, initial = start_host(cfg, nodes, info, initial, clients)
     log.info("clients: %s", {c: info[c]["name"] for c in clients})
     strategy = make_strategy(t.algorithm, initial, clients, prox_mu=t.prox_mu, **to_dict(cfg)["fellrec"])
-    runtime = FlowerRuntime(strategy, nodes, clients, rounds=t.rounds, client_fraction=t.client_fraction,
-                            eval_every=e.every, seed=cfg.seed, run_dir=out, progress=False)
+    options = {"rounds": t.rounds, "client_fraction": t.client_fraction, "eval_every": e.every, "seed": cfg.seed,
+               "run_dir": out, "progress": False}
+    runtime = (SplitFlowerRuntime(strategy, nodes, clients, host, **options) if host is not None
+               else FlowerRuntime(strategy, nodes, clients, **options))
     runtime.run()
 
-    send_adapter = bool(rc.get("collect-adapters", True))
-    replies = nodes.exchange("evaluate.test", {
-        c: (lambda: RecordDict({"config": ConfigRecord({"round": t.rounds, "send-adapter": send_adapter})}))
-        for c in clients}, group="test")
+    tested = runtime.test_clients(t.rounds, bool(rc.get("collect-adapters", True)))
     per_user: dict[str, list[np.ndarray]] = {}
     client_of: list[np.ndarray] = []
     best_round = {}
     for c in clients:
-        content = replies[c].content
+        content = tested[c]
         scores = {k: v.numpy() for k, v in from_arrays(content["scores"]).items()}
         n = len(next(iter(scores.values()))) if scores else 0
         for k, v in scores.items():
@@ -272,7 +284,8 @@ def server_main(grid, context) -> None:
         "select_by": selection_metric(cfg),
         "best_round": best_round,
         "samples": {k: sum(info[c][k] for c in clients) for k in ("train", "valid", "test")},
-        "runtime": {"kind": "flower", "messages_resent": nodes.resent},
+        "runtime": {"kind": "flower", "messages_resent": nodes.resent,
+                    **({"split": host.traffic} if host is not None else {})},
     }
     started -= runtime.restored_elapsed
     finish(cfg, out, started, results)
