@@ -129,6 +129,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ks", default="unsplit,2,4,8,16")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--plot", default="docs/plots/split_costs.png", help="where the plot goes ('' for none)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     p = prepare(load_config(None, ["partition.method=attribute", "partition.attribute=gender"]))
@@ -136,11 +137,46 @@ def main() -> None:
     batch = p.samples.train.take(np.arange(8) * 997)
     print(f"{'k':>8} {'client params':>14} {'RSS before':>11} {'peak in step':>13} {'client s/step':>14} "
           f"{'server s/step':>14} {'up/step':>10} {'down/step':>10} {'up+down/round':>14}")
+    rows = []
     for k in args.ks.split(","):
         r = measure(None if k == "unsplit" else int(k), batch, titles, args.steps)
+        rows.append(r)
         print(f"{r['k']!s:>8} {r['client_params_m']:>12.1f} M {r['rss_before_mb']:>8.0f} MB {r['peak_mb']:>10.0f} MB "
               f"{r['client_s']:>14.2f} {r['server_s']:>14.2f} {r['up'] / 1e6:>7.2f} MB {r['down'] / 1e6:>7.2f} MB "
               f"{4 * (r['up'] + r['down']) / 1e6:>11.1f} MB", flush=True)
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Client peak memory and client/server time per step against k, the unsplit model as a line."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    whole = next((r for r in rows if r["k"] == "unsplit"), None)
+    split = [r for r in rows if r["k"] != "unsplit"]
+    ks = [r["k"] for r in split]
+    fig, (mem, tim) = plt.subplots(1, 2, figsize=(9, 3.4))
+    mem.plot(ks, [r["peak_mb"] for r in split], "o-", label="client, split at k")
+    mem.set(xlabel="k (blocks before the cut)", ylabel="peak resident memory (MB)", title="client memory in a step")
+    tim.plot(ks, [r["client_s"] for r in split], "o-", label="client compute")
+    tim.plot(ks, [r["server_s"] for r in split], "s--", label="server (trunk) + transfer")
+    tim.set(xlabel="k (blocks before the cut)", ylabel="seconds per step", title="time per training step")
+    if whole is not None:
+        mem.axhline(whole["peak_mb"], color="grey", ls=":", label="unsplit model")
+        tim.axhline(whole["client_s"], color="grey", ls=":", label="unsplit model")
+    for ax in (mem, tim):
+        ax.set_xticks(ks)
+        ax.legend(fontsize=8)
+        ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
