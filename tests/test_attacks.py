@@ -175,8 +175,8 @@ def test_learned_attack_trains_on_the_attackers_titles_only(tiny):
 
 
 def test_identify_maps_recovered_text_to_catalogue_titles():
-    text = ' "Toy Story (1995)", "Casablanca (1943)", "Vrtigo (1958)", "zzzz"'
-    assert A.identify(text, TITLES) == [0, 6, 7]
+    text = 'Toy Story (1995)", "Casablanca (1943)", "Vrtigo (1958)", "zzzz", "Heat (1995)",'
+    assert A.identify(text, TITLES) == [0, 6, 7, 1]  # a duplicate title names its first item
 
 
 def test_bad_input_is_a_one_line_error_naming_the_key(tiny):

@@ -417,7 +417,10 @@ def identify(text: str, titles: Sequence[str], cutoff: float = 0.8) -> list[int]
     mapped to the closest title (``difflib``, similarity at least ``cutoff``); unmatched pieces dropped."""
     found, index = [], {t: i for i, t in reversed(list(enumerate(titles)))}
     for piece in text.split('", "'):
-        piece = piece.strip().strip('"').strip()
+        piece = piece.strip(' ",\n')
+        if piece in index:
+            found.append(index[piece])
+            continue
         match = difflib.get_close_matches(piece, list(index), n=1, cutoff=cutoff) if piece else []
         if match:
             found.append(index[match[0]])
