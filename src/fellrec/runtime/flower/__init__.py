@@ -10,6 +10,7 @@ Flower federation (one SuperLink, one SuperNode per client), with Flower's Messa
   run's config (it travels in the run config) and keeps its private state (adapter, best round) on
   its own disk, keyed by run and client id, so it survives a restart of the SuperNode.
 - ``records``: tensors, payloads and updates to and from Flower records.
+- ``split``: split mode: the trunk on the ServerApp, the clients' head and tail on the SuperNodes.
 - ``deploy``: start a local deployment (``fellrec flower up``), submit a run and judge it by the
   status the SuperLink recorded (``fellrec flower run``).
 - ``app/``: the Flower app directory (``pyproject.toml`` and two thin modules) that ``flwr run``
@@ -17,5 +18,8 @@ Flower federation (one SuperLink, one SuperNode per client), with Flower's Messa
 
 Message types: ``query`` (setup: sample counts, initial adapter), ``query.whoami`` (client id
 only, cheap), ``train`` (local training), ``evaluate`` (validation), ``evaluate.test`` (the test
-with the selected adapter), ``train.split_*`` (flexible storage, see ``split``).
+with the selected adapter). Split mode (flexible storage, ``storage.k``; see ``split``) adds
+``query.split`` (setup: what the server computed from the frozen base model) and continues each
+exchange with ``train.split``, ``evaluate.split`` and ``evaluate.test_split`` messages that carry
+the trunk's replies one way and the client's trunk requests the other.
 """

@@ -10,7 +10,9 @@
     files     the same run directory as ``fellrec run``: config.yaml, metrics.jsonl, results.json,
               adapters/, report.md, plots/ (written on the SuperLink's machine, under ``run-dir``)
 
-The server holds no data and no model: what it knows of the clients comes from their replies.
+The server holds no data and, unless in split mode, no model: what it knows of the clients comes
+from their replies. In split mode (``storage.k``) it builds the base model and keeps the trunk, and
+every client exchange goes through it (``fellrec.runtime.flower.split``).
 A client is its ``client-id``, never a Flower node id: a restarted SuperNode gets a new node id, so
 ``Nodes`` asks every node it has not seen yet who it is (``query.whoami``), and a message whose node
 went away (error NODE_UNAVAILABLE) is sent again to the node that now holds that client. A client

@@ -43,8 +43,18 @@ test and the saved adapter). The trunk's dropout draws from a random stream of i
 and round, so with LoRA dropout > 0 a Flower split run differs from the embedded split run (there
 the trunk shares the client's stream) by the draw; with dropout 0 they agree.
 
-Limits: BIGRec's test generates token by token, one Flower round trip per token and batch (a beam
-search's next step depends on the last reply), which is slow over a real deployment.
+Round trips: a local training of S steps takes S + 2 messages at k = 0 (a step's backward and step
+go with the next step's forward: nothing before the cut depends on the trunk's gradient) and 2S + 1
+at k > 0 (the next forward needs the head's update); a validation or a test of the ranker takes 2
+(every batch's forward in the first reply, up to ``split-max-mb`` of requests per message, a node
+config key, default 64). A step's batch is not cut further into micro-batches: that would change the
+training loop (gradient accumulation) and the ranker's negatives (drawn per loss call), so the run
+would no longer be the embedded one.
+
+Limits: BIGRec's test generates token by token, one round trip per token and batch (a beam search's
+next step depends on the last reply), slow over a real deployment. Validation and test passes run
+from their start each time (no checkpoint: the work is forward only). A client whose state folder
+is lost in the middle of an exchange fails the run.
 """
 
 from __future__ import annotations
