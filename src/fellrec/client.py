@@ -55,6 +55,9 @@ class AdapterTrainer:
         self.best: Tensors = dict(self.private)
         self.best_score: float | None = None
         self.best_round = 0
+        # the local training loop (``fellrec.train.train_steps``); a runtime may wrap it, as split mode
+        # over Flower does to restart a round from the client's last completed step
+        self.train_loop = train_steps
 
     def _steps(self, t: TrainConfig) -> int:
         if t.local_epochs > 0:
@@ -84,7 +87,7 @@ class AdapterTrainer:
             loss = proximal(loss, adapter_parameters(model), payload.tensors, mu)
         losses = []
         if len(self.train) and self.steps_per_round:
-            losses = train_steps(model, loss, self.train, steps=self.steps_per_round,
+            losses = self.train_loop(model, loss, self.train, steps=self.steps_per_round,
                                  sampler=BatchSampler(len(self.train), t.batch_size, seed), optimizer=optimizer,
                                  scheduler=scheduler, grad_clip=t.grad_clip, on_step=on_step)
         self.private = read_full(model)

@@ -215,6 +215,13 @@ def build_backbone(cfg: Config, titles: list[str], dataset: str) -> BIGRec | Tex
                       negatives=m.negatives, temperature=m.temperature, seed=cfg.seed, cache_key=key)
 
 
+def warm_tables(backbone) -> None:
+    """Compute the base model's tables (the ranker's frozen item side) before the rounds, so that no
+    client's first local training pays for them, or counts their trunk traffic in split mode."""
+    if isinstance(backbone, TextRanker) and backbone.item_side == "frozen":
+        backbone.item_table()
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -254,6 +261,7 @@ def federated_run(cfg: Config, p: Prepared, test: Samples, out: Path, progress: 
     select_by = selection_metric(cfg)
     data = client_samples(p)
     backbone = build_backbone(cfg, *catalogue(p))
+    warm_tables(backbone)
     initial = read_full(backbone.model)
     common = trainer_options(cfg, initial)
     clients = {c: AdapterTrainer(c, backbone, train, valid, **common) for c, (train, valid) in data.items()}

@@ -66,7 +66,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import torch
@@ -246,14 +245,14 @@ def resumable(node, session: Session, transport: ReplayTransport) -> Iterator[No
     """``AdapterTrainer.fit`` with its training loop restarting from the session's checkpoint and
     writing one after every step it completes with real replies.
 
-    ``fit`` calls ``fellrec.client.train_steps``; for the time of the pass that name stands for a
-    wrapper that restores the state (everything ``train_steps`` and the loss draw from) and runs the
-    real ``train_steps`` for the remaining steps.
+    ``fit`` calls the trainer's ``train_loop``; for the time of the pass it is a wrapper that
+    restores the state (everything ``train_steps`` and the loss draw from) and runs the real
+    ``train_steps`` for the remaining steps.
     """
-    import fellrec.client as client_module
     from fellrec.adapters import get_adapter, set_adapter
 
-    real = client_module.train_steps
+    trainer = node.trainer
+    real = trainer.train_loop
     model, backbone = node.backbone.model, node.backbone
     device = next(model.parameters()).device
 
@@ -298,8 +297,11 @@ def resumable(node, session: Session, transport: ReplayTransport) -> Iterator[No
              scheduler=scheduler, grad_clip=grad_clip, on_step=after)
         return done
 
-    with mock.patch.object(client_module, "train_steps", steps_from_checkpoint):
+    trainer.train_loop = steps_from_checkpoint
+    try:
         yield
+    finally:
+        trainer.train_loop = real
 
 
 def install_public(node) -> None:
