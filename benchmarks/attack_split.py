@@ -1,8 +1,8 @@
 """What the server could learn in flexible storage: the user's history read back from the hidden states it sees.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/attack_split.py       # the defaults: ~30 min on one core
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/attack_split.py       # the defaults: 28 min (19 min CPU, one thread)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/attack_split.py --learned-victims 8 --attacker-prompts 16 \\
-        --whitebox-victims 1 --whitebox-titles 1 --random-victims 1 --random-titles 1    # a 3-minute smoke run
+        --whitebox-victims 1 --whitebox-titles 1 --random-victims 1 --random-titles 1    # a 4-minute smoke run
 
 SmolLM2-135M-Instruct with a LoRA adapter (r 8, α 16, q_proj and v_proj), ML-100K with the default
 config (temporal 8:1:1 split, 10-title histories, 69 test users), BIGRec's instruction prompt. Per
@@ -22,7 +22,7 @@ Attacks (``fellrec.storage.attacks``), victims drawn once with ``--seed`` from t
   base model; on ``--whitebox-victims`` users' first ``--whitebox-titles`` titles with the fresh
   adapter (the right token matches exactly, so the scan stops early: ~2 s a position for all six
   layers), and on ``--random-victims`` users' first ``--random-titles`` titles with the random one
-  (nothing matches exactly: every candidate is scanned, ~9 s a position or more).
+  (nothing matches exactly: every candidate is scanned, ~13 s a position).
 
 It prints per layer the share of history-title tokens recovered, of whole titles recovered and of
 history items named (the recovered text mapped to the closest catalogue title), as a markdown table,
