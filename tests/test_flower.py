@@ -170,12 +170,27 @@ class LocalGrid:
             ctx = Context(run_id=1, node_id=node, node_config=self.nodes[node], state=RecordDict(),
                           run_config=self.run_config)
             try:
-                out.append(client_app(m, ctx))
+                answer = client_app(m, ctx)
             except Exception as err:  # what a SuperNode reports when its ClientApp raised
-                out.append(Message(Error(code=2, reason=repr(err)), reply_to=m))
+                answer = Message(Error(code=2, reason=repr(err)), reply_to=m)
             if self.on_deliver:
                 self.on_deliver(self, m)
+            if node not in self.dead:  # a node that died while it worked never sends its reply
+                out.append(answer)
         return out
+
+
+def restart_client_1(message_type: str, state_dir):
+    """An ``on_deliver`` hook: client 1's node dies while it handles its first ``message_type``
+    message (after writing its state, before its reply leaves) and comes back as node 201."""
+
+    def crash(grid, msg):
+        if msg.metadata.message_type == message_type and grid.nodes[msg.metadata.dst_node_id]["client-id"] == 1 \
+                and 201 not in grid.nodes:
+            grid.dead.add(msg.metadata.dst_node_id)
+            grid.nodes[201] = {"client-id": 1, "state-dir": str(state_dir)}
+
+    return crash
 
 
 def serve(cfg, run_dir, tmp_path, nodes=None, on_deliver=None):
@@ -222,23 +237,7 @@ def test_server_and_client_apps_reproduce_the_embedded_run(tmp_path, embedded, a
 def test_a_client_whose_node_restarts_mid_round_gets_its_message_again(tmp_path, embedded):
     """Client 1's SuperNode dies after its first training message; it comes back as another node."""
     cfg = load_config(None, [*THREE, "train.algorithm=fedavg", "name=fedavg"])
-
-    def crash(grid, msg):
-        if msg.metadata.message_type == "train" and grid.nodes[msg.metadata.dst_node_id]["client-id"] == 1 \
-                and 201 not in grid.nodes:
-            grid.dead.add(msg.metadata.dst_node_id)  # its reply is lost with it
-            grid.nodes[201] = {"client-id": 1, "state-dir": str(tmp_path / "state-1")}
-
-    original_pull = LocalGrid.pull_messages
-
-    def losing_pull(self, ids):  # a dead node's reply never arrives
-        return [r for r in original_pull(self, ids) if r.has_error() or r.metadata.src_node_id not in self.dead]
-
-    LocalGrid.pull_messages = losing_pull
-    try:
-        grid = serve(cfg, tmp_path / "run", tmp_path, on_deliver=crash)
-    finally:
-        LocalGrid.pull_messages = original_pull
+    grid = serve(cfg, tmp_path / "run", tmp_path, on_deliver=restart_client_1("train", tmp_path / "state-1"))
     assert ("train", 201) in grid.delivered and ("query.whoami", 201) in grid.delivered
     assert json.loads((tmp_path / "run" / "results.json").read_text())["runtime"]["messages_resent"] >= 1
     assert_same_run(tmp_path / "run", embedded["fedavg"])
@@ -416,22 +415,8 @@ def test_a_split_client_holds_no_trunk_weights(tmp_path, monkeypatch):
 def test_a_split_client_whose_node_restarts_mid_exchange_goes_on_from_its_disk(tmp_path, embedded_split):
     """Client 1's SuperNode dies after its first train.split message (its reply is lost); it comes back
     as another node with the same state folder and the message is sent again."""
-    def crash(grid, msg):
-        if msg.metadata.message_type == "train.split" and grid.nodes[msg.metadata.dst_node_id]["client-id"] == 1 \
-                and 201 not in grid.nodes:
-            grid.dead.add(msg.metadata.dst_node_id)
-            grid.nodes[201] = {"client-id": 1, "state-dir": str(tmp_path / "state-1")}
-
-    original_pull = LocalGrid.pull_messages
-
-    def losing_pull(self, ids):  # a dead node's reply never arrives
-        return [r for r in original_pull(self, ids) if r.has_error() or r.metadata.src_node_id not in self.dead]
-
-    LocalGrid.pull_messages = losing_pull
-    try:
-        grid = serve(load_config(None, SPLIT), tmp_path / "run", tmp_path, on_deliver=crash)
-    finally:
-        LocalGrid.pull_messages = original_pull
+    grid = serve(load_config(None, SPLIT), tmp_path / "run", tmp_path,
+                 on_deliver=restart_client_1("train.split", tmp_path / "state-1"))
     assert ("train.split", 201) in grid.delivered
     assert json.loads((tmp_path / "run" / "results.json").read_text())["runtime"]["messages_resent"] >= 1
     assert_same_run(tmp_path / "run", embedded_split)
