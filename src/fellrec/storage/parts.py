@@ -127,10 +127,14 @@ def adapter_of(part: ClientPart | TrunkPart) -> dict[str, Tensor]:
 
 def load_adapter(part: ClientPart | TrunkPart, tensors: dict[str, Tensor]) -> None:
     """Load the tensors (named as in the whole model) that belong to this part's blocks."""
-    live = trainable(part)
+    copy_into(trainable(part), tensors, "adapter tensors missing for this part")
+
+
+def copy_into(live: dict[str, Tensor], tensors: dict[str, Tensor], missing_what: str) -> None:
+    """Copy ``tensors[name]`` into each parameter ``live[name]``; every name must be there."""
     missing = sorted(set(live) - set(tensors))
     if missing:
-        raise ValueError(f"adapter tensors missing for this part: {missing[:3]}")
+        raise ValueError(f"{missing_what}: {missing[:3]}")
     with torch.no_grad():
         for name, p in live.items():
             p.copy_(tensors[name])

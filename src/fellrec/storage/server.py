@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from fellrec.storage.parts import TrunkPart, adapter_of, adapters_off, load_adapter, whole_name
+from fellrec.storage.parts import TrunkPart, adapter_of, adapters_off, copy_into, load_adapter, whole_name
 from fellrec.storage.transport import Message
 
 
@@ -163,13 +163,7 @@ class ConcurrentTrunkServer(TrunkServer):
         return {k: p.detach().to("cpu", copy=True) for k, p in self.weights[client].items()}
 
     def set_adapter(self, client: str, tensors: dict[str, Tensor]) -> None:
-        own = self._own(client)
-        missing = sorted(set(own) - set(tensors))
-        if missing:
-            raise ValueError(f"trunk adapter tensors missing: {missing[:3]}")
-        with torch.no_grad():
-            for k, p in own.items():
-                p.copy_(tensors[k])
+        copy_into(self._own(client), tensors, "trunk adapter tensors missing")
 
     def drop(self, client: str) -> None:
         """Forget ``client``'s graphs, caches, gradients and optimizer (an exchange that was cut short)."""
