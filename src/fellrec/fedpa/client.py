@@ -266,35 +266,58 @@ def build_federation(ds: Dataset, feats: FeatureTable, split: UserSplit, base: C
     ``lr`` defaults to the released Fed_Train's 0.1 (Adam); the whole-model baselines usually
     want less (0.01 on ML-100K).
     """
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown FedPA algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
-    variant, server = ALGORITHMS[algorithm]
-    groups = list(group_attributes) if variant == "fedpa" else []
-    cols = {attr: feats.user_field(attr) for attr in groups}
-    model = FedPAModel(base, torch.from_numpy(feats.item_codes),
-                       group_cards={a: len(feats.vocab[a]) for a in groups}, rank=rank, alpha=alpha,
-                       gate_hidden=gate_hidden, zero_init=zero_init)
+    variant, server = variant_of(algorithm)
+    model = federation_model(base, feats, variant, group_attributes, rank=rank, alpha=alpha,
+                             gate_hidden=gate_hidden, zero_init=zero_init)
     data = client_data(ds, feats, split)
     ids = ds.users["user_id"].to_numpy()
     user_of = {str(ids[u]): u for u in data}
     clients = list(user_of)
     initial = model.shared_initial(variant, seed)
-    client_groups = {c: {a: int(feats.user_codes[u, j]) for a, j in cols.items()} for c, u in user_of.items()}
-    if server == "fedpa":
-        strategy: Strategy = FedPA(initial, clients, client_groups=client_groups, weighting=weighting,
-                                   ldp_scale=ldp_scale)
-    elif server == "fedavg":
-        strategy = FedAvg(initial, clients)
-    else:
-        strategy = Local(initial, clients)
-    view = FedPA(initial, clients, client_groups=client_groups) if variant == "fedpa" else None
-    trainers = {}
-    for c, u in user_of.items():
-        defaults = initial if view is None else view.client_tensors(c)  # references, no copies
-        trainers[c] = FedPATrainer(c, model, data[u], torch.from_numpy(feats.user_codes[u]), variant=variant,
-                                   defaults=defaults if server == "local" else {}, lr=lr, batch_size=batch_size,
-                                   local_epochs=local_epochs, seed=seed, select_by=select_by, ldp_scale=ldp_scale)
+    groups = list(model.group_cards)
+    client_groups = {c: {a: int(feats.user_codes[u, feats.user_field(a)]) for a in groups}
+                     for c, u in user_of.items()}
+    strategy = make_strategy(server, initial, clients, client_groups, weighting=weighting, ldp_scale=ldp_scale)
+    options = {"lr": lr, "batch_size": batch_size, "local_epochs": local_epochs, "seed": seed,
+               "select_by": select_by, "ldp_scale": ldp_scale}
+    trainers = {c: user_trainer(c, model, data[u], torch.from_numpy(feats.user_codes[u]), algorithm, initial,
+                                client_groups[c], **options) for c, u in user_of.items()}
     return Federation(strategy, trainers, model, variant, user_of)
+
+
+def variant_of(algorithm: str) -> tuple[str, str]:
+    """(model variant, server strategy) of a FedPA ``algorithm``."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown FedPA algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[algorithm]
+
+
+def federation_model(base: CTRModel, feats: FeatureTable, variant: str, group_attributes, **options: Any) -> FedPAModel:
+    """The FedPAModel over the frozen ``base`` (group adapters only for FedPA's own model)."""
+    groups = list(group_attributes) if variant == "fedpa" else []
+    return FedPAModel(base, torch.from_numpy(feats.item_codes), group_cards={a: len(feats.vocab[a]) for a in groups},
+                      **options)
+
+
+def make_strategy(server: str, initial: Tensors, clients: list[str], client_groups: dict[str, dict[str, int]], *,
+                  weighting: str = "samples", ldp_scale: float = 0.0) -> Strategy:
+    if server == "fedpa":
+        return FedPA(initial, clients, client_groups=client_groups, weighting=weighting, ldp_scale=ldp_scale)
+    if server == "fedavg":
+        return FedAvg(initial, clients)
+    return Local(initial, clients)
+
+
+def user_trainer(client: str, model: FedPAModel, data: ClientData, user_codes: torch.Tensor, algorithm: str,
+                 initial: Tensors, groups: dict[str, int], **options: Any) -> FedPATrainer:
+    """One user's trainer. Without a server (``local*``), the client starts from the shared initial
+    tensors itself, FedPA's model with its own groups' adapters."""
+    variant, server = variant_of(algorithm)
+    defaults: Tensors = {}
+    if server == "local":
+        defaults = initial if variant != "fedpa" else \
+            FedPA(initial, [client], client_groups={client: groups}).client_tensors(client)  # references, no copies
+    return FedPATrainer(client, model, data, user_codes, variant=variant, defaults=defaults, **options)
 
 
 def pooled_selection(trainers: dict[str, FedPATrainer], select_by: str = "auc") -> dict[str, Any]:

@@ -22,13 +22,16 @@ from fellrec.config import Config
 from fellrec.data.tables import Dataset
 from fellrec.errors import ConfigError
 from fellrec.fedpa.client import build_federation, pooled_selection
-from fellrec.fedpa.features import build_features, select_public, split_users
+from fellrec.fedpa.features import FeatureTable, UserSplit, build_features, select_public, split_users
+from fellrec.fedpa.model import CTRModel
 from fellrec.fedpa.pretrain import load_pretrained, pretrain, save_pretrained
 from fellrec.files import save_tensors
 from fellrec.runtime.embedded import EmbeddedRuntime
 
 
-def fedpa_run(cfg: Config, ds: Dataset, out: Path, progress: bool) -> dict[str, Any]:
+def fedpa_world(cfg: Config, ds: Dataset) -> tuple[FeatureTable, np.ndarray, UserSplit]:
+    """The features, the public users and the per-user split: what the server and every client
+    derive alike from the dataset and the seed."""
     f = cfg.fedpa
     feats = build_features(ds)
     for attr in (*f.group_attributes, *([f.public_attribute] if f.public_attribute else [])):
@@ -39,10 +42,17 @@ def fedpa_run(cfg: Config, ds: Dataset, out: Path, progress: bool) -> dict[str, 
                            fraction=f.public_fraction, fraction_in=f.public_fraction_in,
                            fraction_out=f.public_fraction_out, seed=cfg.seed)
     split = split_users(ds, public, ratios=tuple(f.ratios), min_interactions=f.min_interactions)
+    return feats, public, split
+
+
+def foundation(cfg: Config, ds: Dataset, feats: FeatureTable, split: UserSplit, out: Path) -> tuple[CTRModel, dict]:
+    """Open_Train on the public users (saved as ``out/foundation.safetensors``), or the checkpoint
+    ``fedpa.pretrain_path``; the model and what to report of its training."""
+    f = cfg.fedpa
     started = time.time()
     if f.pretrain_path:
         base, _ = load_pretrained(Path(f.pretrain_path), feats)
-        pre = {"loaded": f.pretrain_path}
+        pre: dict[str, Any] = {"loaded": f.pretrain_path}
     else:
         users, items = ds.interactions["user"].to_numpy(), ds.interactions["item"].to_numpy()
         res = pretrain(feats, users, items, split.public_rows, epochs=f.pretrain_epochs, dim=f.dim,
@@ -51,24 +61,49 @@ def fedpa_run(cfg: Config, ds: Dataset, out: Path, progress: bool) -> dict[str, 
         base = res.model
         pre = {"epochs": f.pretrain_epochs, "kept_epoch": res.epoch, "history": res.history}
     pre["time_s"] = round(time.time() - started, 1)
-    fed = build_federation(ds, feats, split, base, algorithm=f.algorithm, group_attributes=tuple(f.group_attributes),
-                           rank=f.rank, alpha=f.alpha, zero_init=f.zero_init, lr=f.lr, batch_size=f.batch_size,
-                           local_epochs=f.local_epochs, ldp_scale=f.ldp_scale, weighting=f.weighting,
-                           select_by="logloss", seed=cfg.seed)
-    rounds = 0 if f.algorithm == "frozen" else cfg.train.rounds
-    runtime = EmbeddedRuntime(fed.strategy, fed.trainers, fed.trainers, rounds=rounds,
+    return base, pre
+
+
+def federation_options(cfg: Config) -> dict[str, Any]:
+    """``build_federation``'s settings from the config."""
+    f = cfg.fedpa
+    return {"algorithm": f.algorithm, "group_attributes": tuple(f.group_attributes), "rank": f.rank,
+            "alpha": f.alpha, "zero_init": f.zero_init, "lr": f.lr, "batch_size": f.batch_size,
+            "local_epochs": f.local_epochs, "ldp_scale": f.ldp_scale, "weighting": f.weighting,
+            "select_by": "logloss", "seed": cfg.seed}
+
+
+def fed_rounds(cfg: Config) -> int:
+    return 0 if cfg.fedpa.algorithm == "frozen" else cfg.train.rounds
+
+
+def fedpa_run(cfg: Config, ds: Dataset, out: Path, progress: bool) -> dict[str, Any]:
+    feats, public, split = fedpa_world(cfg, ds)
+    base, pre = foundation(cfg, ds, feats, split, out)
+    fed = build_federation(ds, feats, split, base, **federation_options(cfg))
+    runtime = EmbeddedRuntime(fed.strategy, fed.trainers, fed.trainers, rounds=fed_rounds(cfg),
                               client_fraction=cfg.train.client_fraction, eval_every=max(1, cfg.eval.every),
                               seed=cfg.seed, run_dir=out, progress=progress)
     runtime.run()
-    if fed.strategy.state():
-        save_tensors(out / "adapters" / "server.safetensors", fed.strategy.state())
-    sel = pooled_selection(fed.trainers, select_by=f.select_by)
+    return fedpa_results(cfg, ds, public, split, pre, runtime, fed.strategy, list(fed.trainers.values()))
+
+
+def fedpa_results(cfg: Config, ds: Dataset, public: np.ndarray, split: UserSplit, pre: dict, runtime,
+                  strategy, trainers: list) -> dict[str, Any]:
+    """The run's results (see the module doc) after ``runtime`` ran; ``trainers`` are the clients in
+    order, each with ``rounds``, ``predictions(r, part)`` and ``data`` (``FedPATrainer`` or a view)."""
+    f = cfg.fedpa
+    out = runtime.run_dir
+    if strategy.state():
+        save_tensors(out / "adapters" / "server.safetensors", strategy.state())
+    sel = pooled_selection(dict(enumerate(trainers)), select_by=f.select_by)
+    up = list(runtime.bytes_up.values())
     return {
         "algorithm": f"fedpa:{f.algorithm}",
         "overall": sel["test"],
         "valid": sel["valid"],
         "best_round": sel["best_round"],
-        "rounds": rounds,
+        "rounds": fed_rounds(cfg),
         "per_round": sel["rounds"],
         "clients": {},
         "imbalance": {},
@@ -76,10 +111,8 @@ def fedpa_run(cfg: Config, ds: Dataset, out: Path, progress: bool) -> dict[str, 
         "users": {"public": int(public.sum()), "private": len(split.private_users),
                   "left_out": [str(u) for u in ds.users["user_id"].to_numpy()[split.dropped_users]]},
         "pretrain": pre,
-        "communication": {"bytes_up": int(sum(runtime.bytes_up.values())),
-                          "bytes_down": int(sum(runtime.bytes_down.values())),
-                          "per_client_mean_up": float(np.mean(list(runtime.bytes_up.values()))) if fed.trainers
-                          else 0.0},
+        "communication": {"bytes_up": int(sum(up)), "bytes_down": int(sum(runtime.bytes_down.values())),
+                          "per_client_mean_up": float(np.mean(up)) if up else 0.0},
         "train_time_s": round(runtime.elapsed, 1),
         "samples": {"train": len(split.train_rows), "valid": len(split.valid_rows),
                     "test": len(split.test_rows)},
