@@ -7,24 +7,32 @@ its own log file; update checks and telemetry are off. The SuperLink runs with
 
 A run is judged by the status the SuperLink recorded (``flwr ls``), never by ``flwr run``'s exit
 code, which is 0 even when the ServerApp raised.
+
+``SimulationDeployment`` is the same SuperLink with Flower's simulation engine (Ray, the
+``simulation`` extra) and no SuperNode processes: the ServerApp and ClientApps are the same.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from fellrec.errors import FellrecError
+
 APP_DIR = Path(__file__).resolve().parent / "app"
 CONNECTION = "fellrec-local"
+FEDERATION = "@none/default"  # the federation of a SuperLink without federation management (Flower 1.41)
 
 
 def flower_bin(name: str) -> str:
@@ -77,6 +85,44 @@ def write_connection(cli_home: Path, address: str, name: str = CONNECTION) -> Pa
     return path
 
 
+def _groups_below(pid: int) -> set[int]:
+    """The process groups of ``pid``'s descendants other than this process's group. The SuperLink's
+    SuperExec starts a group of its own: the ServerApp's process, or in simulation ``flwr-simulation``
+    and Ray's processes, which outlive a SuperLink stopped mid-run."""
+    import psutil  # a dependency of accelerate
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return set()
+    groups = set()
+    for child in children:
+        with contextlib.suppress(OSError):
+            groups.add(os.getpgid(child.pid))
+    return groups - {os.getpgid(0)}
+
+
+def _end_groups(groups: set[int], grace_s: float = 5.0) -> None:
+    """SIGTERM to each process group, SIGKILL to those still there after ``grace_s``."""
+
+    def alive(group: int) -> bool:
+        try:
+            os.killpg(group, 0)
+        except OSError:  # gone, or (reused) not ours
+            return False
+        return True
+
+    for group in groups:
+        with contextlib.suppress(OSError):
+            os.killpg(group, signal.SIGTERM)
+    end = time.monotonic() + grace_s
+    while (groups := {g for g in groups if alive(g)}) and time.monotonic() < end:
+        time.sleep(0.2)
+    for group in groups:
+        with contextlib.suppress(OSError):
+            os.killpg(group, signal.SIGKILL)
+
+
 class LocalDeployment:
     """A SuperLink and ``clients`` SuperNodes on 127.0.0.1 under ``home`` (a context manager).
 
@@ -103,19 +149,22 @@ class LocalDeployment:
     def log_path(self, name: str) -> Path:
         return self.home / f"{name}.log"
 
-    def _spawn(self, name: str, cmd: list[str], flwr_home: Path) -> subprocess.Popen:
+    def _spawn(self, name: str, cmd: list[str], flwr_home: Path, **env: str) -> subprocess.Popen:
         log = open(self.log_path(name), "ab")  # noqa: SIM115 (closed in stop)
         self._logs.append(log)
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=flower_env(flwr_home),
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**flower_env(flwr_home), **env},
                                 process_group=0)
 
-    def start(self) -> LocalDeployment:
+    def start_link(self, *extra: str, **env: str) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         self.link = self._spawn("superlink", [flower_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                              "--port", str(self.port), "--disable-runtime-dependency-installation"],
-                                self.home / "superlink")
+                                              "--port", str(self.port), "--disable-runtime-dependency-installation",
+                                              *extra], self.home / "superlink", **env)
         _wait(lambda: _healthy(f"http://{self.address}/health"), 60, "flower-superlink", self.link,
               self.log_path("superlink"))
+
+    def start(self) -> LocalDeployment:
+        self.start_link()
         for i in range(self.clients):
             self.start_node(i, wait=False)
         for i in range(self.clients):
@@ -152,6 +201,7 @@ class LocalDeployment:
 
     def stop(self) -> None:
         procs = [*self.nodes.values(), *([self.link] if self.link else [])]  # SuperNodes first
+        groups = set().union(*(_groups_below(p.pid) for p in procs if p.poll() is None))
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -163,6 +213,7 @@ class LocalDeployment:
                 p.wait()
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)  # whatever it left behind (superexec, clientapp)
+        _end_groups(groups)
         for log in self._logs:
             log.close()
         self._logs.clear()
@@ -176,6 +227,73 @@ class LocalDeployment:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def require_ray() -> None:
+    if importlib.util.find_spec("ray") is None:
+        raise FellrecError("Flower's simulation engine needs Ray, which is not installed: "
+                           "pip install -e '.[simulation]'")
+
+
+class SimulationDeployment(LocalDeployment):
+    """A SuperLink with Flower's simulation engine on 127.0.0.1 under ``home`` (a context manager),
+    its federation set to ``clients`` virtual SuperNodes.
+
+    There are no SuperNode processes. For each run the SuperLink starts ``flwr-simulation``, which
+    starts Ray (its files in ``<home>/ray``), runs the ServerApp, and runs the ClientApp of
+    virtual SuperNode i in a Ray actor with node config ``partition-id=i``: fellrec's client i. A
+    virtual SuperNode has no ``state-dir``; its client keeps its state under
+    ``$FELLREC_CACHE/flower-state`` (see ``fellrec.runtime.flower.client``). Each ClientApp gets
+    ``client_cpus`` of Ray's CPUs (Flower's default: 2), so at most cpu_count / client_cpus
+    clients work at once, and ``client_gpus`` of a GPU (Flower's default: none; Ray then hides the GPUs).
+    Ray's processes belong to the run, not to the SuperLink: ``stop`` ends them too.
+    """
+
+    def __init__(self, home: str | Path, clients: int, *, port: int | None = None, client_cpus: int | None = None,
+                 client_gpus: float | None = None):
+        super().__init__(home, clients, port=port)
+        self.client_cpus, self.client_gpus = client_cpus, client_gpus
+        self._ray_link: Path | None = None
+
+    @property
+    def ray_dir(self) -> Path:
+        """Ray's temporary files: a ``ray/session_*`` folder per run, with Ray's logs."""
+        return self.home / "ray"
+
+    def federation_options(self) -> list[str]:
+        """The options of ``flwr federation simulation-config`` that size the federation."""
+        options = ["--num-supernodes", str(self.clients)]
+        if self.client_cpus is not None:
+            options += ["--client-resources-num-cpus", str(self.client_cpus)]
+        if self.client_gpus is not None:
+            options += ["--client-resources-num-gpus", str(self.client_gpus)]
+        return options
+
+    def start(self) -> SimulationDeployment:
+        require_ray()
+        if self.clients < 1:
+            raise FellrecError(f"a simulation needs at least 1 virtual SuperNode, got {self.clients}")
+        self.ray_dir.mkdir(parents=True, exist_ok=True)
+        # Ray puts its sockets under RAY_TMPDIR, and a socket's path may have at most 107 bytes: Ray gets
+        # a short link in /tmp to <home>/ray
+        self._ray_link = Path(tempfile.mkdtemp(prefix="fellrec-ray-", dir="/tmp" if os.path.isdir("/tmp") else None),
+                              "ray")
+        self._ray_link.symlink_to(self.ray_dir, target_is_directory=True)
+        self.start_link("--simulation", RAY_TMPDIR=str(self._ray_link))
+        write_connection(self.cli_home, self.address)
+        r = flwr(self.cli_home, "federation", "simulation-config", FEDERATION, CONNECTION, *self.federation_options())
+        if r.returncode != 0:
+            raise RuntimeError(f"flwr federation simulation-config failed (exit {r.returncode}): "
+                               f"{(r.stdout + r.stderr).strip()[-1500:]}")
+        return self
+
+    def stop(self) -> None:
+        super().stop()
+        if self._ray_link is not None:
+            with contextlib.suppress(OSError):
+                self._ray_link.unlink()
+                self._ray_link.parent.rmdir()
+            self._ray_link = None
 
 
 # ---- runs -----------------------------------------------------------------------------------
