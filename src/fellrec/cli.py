@@ -126,20 +126,31 @@ def cmd_compare(args) -> None:
 
 def cmd_flower_up(args) -> None:
     """Start a local Flower deployment on 127.0.0.1: one SuperLink and one SuperNode per client
-    (client-id 0..N-1), until Ctrl-C. Then run experiments on it with `fellrec flower run`."""
+    (client-id 0..N-1), or with --simulation a SuperLink whose runs Flower's simulation engine (Ray)
+    runs with N virtual SuperNodes; until Ctrl-C. Then run experiments on it with `fellrec flower run`."""
     import signal
     import time
 
-    from fellrec.runtime.flower.deploy import CONNECTION, LocalDeployment
+    from fellrec.runtime.flower.deploy import CONNECTION, LocalDeployment, SimulationDeployment
 
     if args.clients < 1:
         raise ConfigError(f"--clients: need at least 1, got {args.clients}")
-    dep = LocalDeployment(args.home, args.clients, port=args.port)
+    _check_simulation_options(args)
+    if args.simulation:
+        dep = SimulationDeployment(args.home, args.clients, port=args.port, client_cpus=args.client_cpus,
+                                   client_gpus=args.client_gpus)
+    else:
+        dep = LocalDeployment(args.home, args.clients, port=args.port)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         dep.start()
-        print(f"SuperLink on {dep.address}; {args.clients} SuperNodes (client-id 0..{args.clients - 1}); logs and "
-              f"client state in {dep.home}/")
+        if args.simulation:
+            print(f"simulation SuperLink on {dep.address}: each run gets {args.clients} virtual SuperNodes "
+                  f"(client-id 0..{args.clients - 1}) in Ray; logs in {dep.home}/, client state in "
+                  "$FELLREC_CACHE/flower-state/")
+        else:
+            print(f"SuperLink on {dep.address}; {args.clients} SuperNodes (client-id 0..{args.clients - 1}); logs "
+                  f"and client state in {dep.home}/")
         print(f"flwr connection '{CONNECTION}' written to {dep.cli_home}/config.toml")
         print("In another terminal:  fellrec flower run configs/flower-demo.yaml")
         print("Ctrl-C stops the deployment.", flush=True)
@@ -154,31 +165,94 @@ def cmd_flower_up(args) -> None:
         dep.stop()
 
 
+def _check_simulation_options(args) -> None:
+    """--client-cpus and --client-gpus: only with --simulation; at least 1 CPU, no negative GPU share."""
+    for option in ("client_cpus", "client_gpus"):
+        if getattr(args, option) is not None and not args.simulation:
+            raise ConfigError(f"--{option.replace('_', '-')}: only with --simulation (Ray's resources per client)")
+    if args.client_cpus is not None and args.client_cpus < 1:
+        raise ConfigError(f"--client-cpus: need at least 1, got {args.client_cpus}")
+    if args.client_gpus is not None and args.client_gpus < 0:
+        raise ConfigError(f"--client-gpus: need 0 or more, got {args.client_gpus}")
+
+
 def cmd_flower_run(args) -> None:
-    """Run the experiment of CONFIG on a Flower federation (default: the one `fellrec flower up` started)
-    into runs/<name>/, and judge it by the status the SuperLink recorded."""
-    import time
+    """Run the experiment of CONFIG on a Flower federation (default: the one `fellrec flower up` started;
+    with --simulation: Flower's simulation engine, started for this command) into runs/<name>/, and
+    judge it by the status the SuperLink recorded."""
     from pathlib import Path
 
-    from fellrec.config import dump
     from fellrec.run import per_algorithm
     from fellrec.runtime.flower import deploy
 
+    configs = per_algorithm(_config(args))
+    _check_simulation_options(args)
+    if args.simulation:
+        import signal
+
+        from fellrec.pipeline import prepare
+
+        if args.flwr_home or args.connection:
+            raise ConfigError("--simulation starts a SuperLink of its own; leave out --flwr-home and --connection")
+        deploy.require_ray()
+        _check_finished(args, configs)
+        if all(_finished(args, cfg) for cfg in configs):  # nothing to run (--resume): show the results
+            _flower_runs(args, configs, None, deploy.CONNECTION)
+            return
+        if configs[0].model.backbone == "ctr":  # FedPA: one client per private user
+            from fellrec.runtime.flower.fedpa import private_users
+
+            clients = private_users(configs[0])
+        else:
+            clients = prepare(configs[0]).num_clients  # the algorithms of CONFIG share its clients
+        dep = deploy.SimulationDeployment(Path(args.home) / "simulation", clients, client_cpus=args.client_cpus,
+                                          client_gpus=args.client_gpus)
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with dep:
+            print(f"simulation SuperLink on {dep.address} with {clients} virtual SuperNodes (Ray); logs in "
+                  f"{dep.home}/", flush=True)
+            _flower_runs(args, configs, dep.cli_home, deploy.CONNECTION)
+        return
     cli_home = Path(args.flwr_home) if args.flwr_home else Path(args.home) / "cli"
     if not (cli_home / "config.toml").exists():
         raise ConfigError(f"{cli_home}/config.toml: no Flower connection there; start a local deployment with "
                           "`fellrec flower up --clients N`, or give --flwr-home and --connection")
-    for cfg in per_algorithm(_config(args)):
+    _flower_runs(args, configs, cli_home, args.connection or deploy.CONNECTION)
+
+
+def _finished(args, cfg) -> bool:
+    from pathlib import Path
+
+    return (Path(args.runs_dir).resolve() / cfg.name / "results.json").exists()
+
+
+def _check_finished(args, configs) -> None:
+    from pathlib import Path
+
+    for cfg in configs:
+        if _finished(args, cfg) and not args.resume:
+            raise ConfigError(f"name: {Path(args.runs_dir).resolve() / cfg.name} already holds a finished run; "
+                              "choose another name (--set name=...)")
+
+
+def _flower_runs(args, configs, cli_home, connection: str) -> None:
+    """Submit each config's run to the SuperLink of ``connection``, one after the other, and wait for it
+    (a finished run is shown, with --resume)."""
+    import time
+    from pathlib import Path
+
+    from fellrec.config import dump
+    from fellrec.runtime.flower import deploy
+
+    _check_finished(args, configs)
+    for cfg in configs:
         out = Path(args.runs_dir).resolve() / cfg.name
-        if (out / "results.json").exists():
-            if not args.resume:
-                raise ConfigError(f"name: {out} already holds a finished run; choose another name (--set name=...)")
-        else:
+        if not _finished(args, cfg):
             run_config = {"fellrec-config": dump(cfg), "run-dir": str(out), "resume": bool(args.resume),
                           "round-timeout": float(args.round_timeout)}
-            run_id = deploy.submit(cli_home, args.connection, run_config, Path(args.runs_dir).resolve() /
+            run_id = deploy.submit(cli_home, connection, run_config, Path(args.runs_dir).resolve() /
                                    f".{cfg.name}.flower-run-config.toml", args.federation_config)
-            print(f"run {run_id} submitted to '{args.connection}': {cfg.name} ({cfg.train.algorithm}, "
+            print(f"run {run_id} submitted to '{connection}': {cfg.name} ({cfg.train.algorithm}, "
                   f"{cfg.train.rounds} rounds)", flush=True)
             seen = [0]
 
@@ -194,7 +268,7 @@ def cmd_flower_run(args) -> None:
                 seen[0] = len(rows)
 
             started = time.time()
-            deploy.wait_run(cli_home, args.connection, run_id, timeout_s=args.timeout, on_poll=progress)
+            deploy.wait_run(cli_home, connection, run_id, timeout_s=args.timeout, on_poll=progress)
             print(f"run {run_id} finished:completed in {time.time() - started:.0f} s")
         print(f"\n{out}/")
         print(format_results(json.loads((out / "results.json").read_text())))
@@ -319,19 +393,27 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--home", default=".flower", help="the local deployment's folder: logs, client state, "
                            "and cli/config.toml with the flwr connection (default: .flower)")
         if func is cmd_flower_up:
-            p.add_argument("--clients", type=int, required=True, help="SuperNodes to start, one per client")
+            p.add_argument("--clients", type=int, required=True, help="SuperNodes to start, one per client (with "
+                           "--simulation: virtual SuperNodes per run)")
             p.add_argument("--port", type=int, help="the SuperLink's port (default: a free one)")
+        if func in (cmd_flower_up, cmd_flower_run):
+            p.add_argument("--simulation", action="store_true", help="Flower's simulation engine: virtual SuperNodes "
+                           "in Ray, no SuperNode processes (needs pip install -e '.[simulation]')")
+            p.add_argument("--client-cpus", type=int, help="with --simulation: Ray's CPUs per client; clients "
+                           "train in parallel as the CPUs allow (default: Flower's, 2)")
+            p.add_argument("--client-gpus", type=float, help="with --simulation: the share of a GPU per client "
+                           "(default: none)")
         if func is cmd_flower_run:
             p.add_argument("--runs-dir", default="runs", help="where runs/<name>/ goes, on the SuperLink's machine "
                            "(default: runs)")
             p.add_argument("--flwr-home", help="a folder whose config.toml names the SuperLink (default: HOME/cli)")
-            p.add_argument("--connection", default="fellrec-local", help="the connection in that config.toml")
+            p.add_argument("--connection", help="the connection in that config.toml (default: fellrec-local)")
             p.add_argument("--resume", action="store_true", help="continue an unfinished run, skip finished ones")
             p.add_argument("--round-timeout", type=float, default=3600.0,
                            help="seconds the server waits for the clients' answers to one message")
             p.add_argument("--timeout", type=float, default=7 * 24 * 3600.0, help="seconds to wait for the run")
             p.add_argument("--federation-config", help="passed on to flwr run, e.g. 'num-supernodes=5' for a "
-                           "simulation SuperLink")
+                           "simulation SuperLink of your own")
             p.add_argument("--quiet", action="store_true", help="no progress lines")
         if func in (cmd_data_stats, cmd_config_show, cmd_run, cmd_flower_run):
             p.add_argument("config", nargs="?", help="YAML config (default: all defaults)")

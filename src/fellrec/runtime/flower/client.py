@@ -98,24 +98,16 @@ class ClientNode:
     """
 
     def __init__(self, config_text: str, client: str, root: Path):
-        from fellrec.client import AdapterTrainer, read_full
+        from fellrec.client import AdapterTrainer
         from fellrec.config import config_from_text
-        from fellrec.run import build_backbone, trainer_options
+        from fellrec.run import trainer_options
 
         cfg = config_from_text(config_text, f"run config {CONFIG_KEY}")
         self.cfg, self.client = cfg, client
         self.state = ClientState(root / run_key(config_text, cfg.name) / f"client-{client}")
         self.data = self._data()
-        self.backbone = build_backbone(cfg, self.data["titles"], self.data["dataset"])
         self.split = cfg.storage.k is not None
-        if self.split:  # keep the client's part alone: the trunk is the ServerApp's (see ``split``)
-            import gc
-
-            from fellrec.storage.replay import ReplayTransport
-
-            self.backbone.model = self.backbone.model.client_half(ReplayTransport())
-            gc.collect()
-        self.initial = read_full(self.backbone.model)
+        self.backbone, self.initial = _backbone(config_text, cfg, self.data)
         self.trainer = AdapterTrainer(client, self.backbone, self.data["train"], self.data["valid"],
                                       **trainer_options(cfg, self.initial))
         self.test_samples = self.data["test"]
@@ -164,7 +156,7 @@ class ClientNode:
 
     # ---- handlers ------------------------------------------------------------------------------
 
-    def setup(self) -> RecordDict:
+    def setup(self, msg: Message | None = None) -> RecordDict:
         t = self.trainer
         d = self.data
         info = {"client-id": self.client, "name": d["name"], "num-clients": d["num_clients"], "dataset": d["dataset"]}
@@ -219,22 +211,52 @@ class ClientNode:
         return RecordDict(content)
 
 
+_BACKBONES: dict[str, tuple[Any, dict]] = {}
+
+
+def _backbone(config_text: str, cfg, data: dict[str, Any]) -> tuple[Any, dict]:
+    """The run's backbone and its initial adapter, built once per process: Flower's simulation serves
+    several clients from one process, which then share one model, as in the embedded runtime (each
+    client loads its own adapter into it before it works)."""
+    from fellrec.client import read_full
+    from fellrec.run import build_backbone
+
+    if config_text not in _BACKBONES:
+        _BACKBONES.clear()
+        backbone = build_backbone(cfg, data["titles"], data["dataset"])
+        if cfg.storage.k is not None:  # keep the client's part alone: the trunk is the ServerApp's (``split``)
+            import gc
+
+            from fellrec.storage.replay import ReplayTransport
+
+            backbone.model = backbone.model.client_half(ReplayTransport())
+            gc.collect()
+        _BACKBONES[config_text] = (backbone, read_full(backbone.model))
+    return _BACKBONES[config_text]
+
+
 def _tensor(values: np.ndarray):
     import torch
 
     return torch.as_tensor(np.asarray(values, dtype=np.float64))
 
 
-_NODES: dict[tuple[str, str, str], ClientNode] = {}
+_NODES: dict[tuple[str, str, str], Any] = {}
 
 
-def node_for(context: Context) -> ClientNode:
-    """This process's ClientNode for the run (built once: Flower's simulation keeps the process)."""
+def node_for(context: Context):
+    """This process's client of the run (built once: Flower's simulation keeps the process): a
+    ``ClientNode``, or for ``model.backbone: ctr`` a ``fellrec.runtime.flower.fedpa.FedPANode``."""
     text = str(context.run_config[CONFIG_KEY])
     key = (text, client_id(context), str(state_root(context)))
     if key not in _NODES:
         _NODES.clear()
-        _NODES[key] = ClientNode(text, key[1], Path(key[2]))
+        from fellrec.config import config_from_text
+
+        kind = ClientNode
+        if config_from_text(text, f"run config {CONFIG_KEY}").model.backbone == "ctr":
+            from fellrec.runtime.flower.fedpa import FedPANode as kind
+        _NODES[key] = kind(text, key[1], Path(key[2]))
     return _NODES[key]
 
 
@@ -247,7 +269,7 @@ def handle_whoami(msg: Message, context: Context) -> Message:
 
 
 def handle_setup(msg: Message, context: Context) -> Message:
-    return reply(msg, node_for(context).setup())
+    return reply(msg, node_for(context).setup(msg))
 
 
 def handle_train(msg: Message, context: Context) -> Message:

@@ -164,24 +164,31 @@ class FlowerRuntime(EmbeddedRuntime):
     is on the client's disk (see ``fellrec.runtime.flower.client``).
     """
 
-    def __init__(self, strategy, nodes: Nodes, clients: list[str], **options: Any):
+    def __init__(self, strategy, nodes: Nodes, clients: list[str], ids: dict[str, str] | None = None,
+                 **options: Any):
         super().__init__(strategy, dict.fromkeys(clients), dict.fromkeys(clients), **options)
         self.nodes = nodes
+        self.ids = ids or {c: c for c in clients}  # fellrec client name -> client-id of its node (FedPA: user ids)
+
+    def _exchange(self, message_type: str, contents: dict[str, Callable[[], RecordDict]],
+                  group: str) -> dict[str, Message]:
+        replies = self.nodes.exchange(message_type, {self.ids[c]: f for c, f in contents.items()}, group=group)
+        return {c: replies[self.ids[c]] for c in contents}
 
     def fit_clients(self, rnd: int, payloads: dict[str, Payload]) -> dict[str, ClientUpdate]:
         contents = {c: (lambda p=p: payload_content(rnd, p)) for c, p in payloads.items()}
-        replies = self.nodes.exchange("train", contents, group=f"fit-{rnd}")
+        replies = self._exchange("train", contents, group=f"fit-{rnd}")
         return {c: read_update(c, replies[c]) for c in payloads}
 
     def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> dict[str, dict[str, float]]:
         contents = {c: (lambda p=p: payload_content(rnd, p)) for c, p in payloads.items()}
-        replies = self.nodes.exchange("evaluate", contents, group=f"evaluate-{rnd}")
+        replies = self._exchange("evaluate", contents, group=f"evaluate-{rnd}")
         return {c: {k: float(v) for k, v in replies[c].content["metrics"].items()} for c in payloads}
 
     def test_clients(self, rounds: int, send_adapter: bool) -> dict[str, Any]:
         """Each client's test content: per-user ``scores``, ``metrics`` (its best round) and, if asked,
         its selected adapter (``arrays``)."""
-        replies = self.nodes.exchange("evaluate.test", {
+        replies = self._exchange("evaluate.test", {
             c: (lambda: RecordDict({"config": ConfigRecord({"round": rounds, "send-adapter": send_adapter})}))
             for c in self.trainers}, group="test")
         return {c: replies[c].content for c in self.trainers}
@@ -190,14 +197,15 @@ class FlowerRuntime(EmbeddedRuntime):
         return {}  # the clients keep their own state
 
 
-def setup(nodes: Nodes, wait_s: float) -> tuple[dict[str, dict], dict]:
-    """Every client's info and counts, and the initial adapter (checked equal across clients)."""
+def setup(nodes: Nodes, wait_s: float, content: Callable[[], RecordDict] = RecordDict) -> tuple[dict[str, dict], dict]:
+    """Every client's info and counts, and the initial adapter (checked equal across clients).
+    ``content`` builds the setup query's content (FedPA: the foundation model)."""
     nodes.wait_for(None, 1, wait_s)
-    first = nodes.exchange("query", {c: RecordDict for c in list(nodes.node_of)[:1]}, group="setup")
+    first = nodes.exchange("query", {c: content for c in list(nodes.node_of)[:1]}, group="setup")
     expected = int(next(iter(first.values())).content["info"]["num-clients"])
     clients = [str(c) for c in range(expected)]
     nodes.wait_for(clients, expected, wait_s)
-    replies = {**first, **nodes.exchange("query", {c: RecordDict for c in clients if c not in first}, "setup")}
+    replies = {**first, **nodes.exchange("query", {c: content for c in clients if c not in first}, "setup")}
     info, initial = {}, None
     for c in clients:
         content = replies[c].content
@@ -224,9 +232,9 @@ def server_main(grid, context) -> None:
     rc = context.run_config
     cfg = config_from_text(str(rc["fellrec-config"]), "run config fellrec-config")
     t, e = cfg.train, cfg.eval
-    if cfg.model.backbone not in ("ranker", "bigrec"):
-        raise ConfigError(f"model.backbone: {cfg.model.backbone} does not run on Flower (ranker and bigrec do)")
-    if t.algorithm == "centralized":
+    if cfg.model.backbone not in ("ranker", "bigrec", "ctr"):
+        raise ConfigError(f"model.backbone: {cfg.model.backbone} does not run on Flower (ranker, bigrec and ctr do)")
+    if t.algorithm == "centralized" and cfg.model.backbone != "ctr":
         raise ConfigError("train.algorithm: centralized pools every client's data; it has no Flower form")
     if str(rc.get("run-dir", "")) == "":
         raise ConfigError("run config run-dir: empty; say where the ServerApp writes the run")
@@ -240,6 +248,12 @@ def server_main(grid, context) -> None:
     started = time.time()
     nodes = Nodes(grid, timeout_s=float(rc.get("round-timeout", 3600.0)), poll_s=float(rc.get("poll-s", 0.5)),
                   retries=int(rc.get("retries", 3)))
+    if cfg.model.backbone == "ctr":  # FedPA and its baselines: one client per private user
+        from fellrec.runtime.flower.fedpa import serve_fedpa
+
+        serve_fedpa(cfg, nodes, rc, out, started)
+        log.info("run finished: %s", out)
+        return
     info, initial = setup(nodes, float(rc.get("wait-timeout", 300.0)))
     clients = sorted(info, key=int)
     host = None
