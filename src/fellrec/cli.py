@@ -252,8 +252,9 @@ def _flower_runs(args, configs, cli_home, connection: str) -> None:
                           "round-timeout": float(args.round_timeout)}
             run_id = deploy.submit(cli_home, connection, run_config, Path(args.runs_dir).resolve() /
                                    f".{cfg.name}.flower-run-config.toml", args.federation_config)
-            print(f"run {run_id} submitted to '{connection}': {cfg.name} ({cfg.train.algorithm}, "
-                  f"{cfg.train.rounds} rounds)", flush=True)
+            algorithm = f"fedpa:{cfg.fedpa.algorithm}" if cfg.model.backbone == "ctr" else cfg.train.algorithm
+            print(f"run {run_id} submitted to '{connection}': {cfg.name} ({algorithm}, {cfg.train.rounds} rounds)",
+                  flush=True)
             seen = [0]
 
             def progress(_record, out=out, seen=seen) -> None:
