@@ -467,6 +467,8 @@ FEDPA = ["model.backbone=ctr", "data.kcore=0", "fedpa.public_fraction=0.996", "f
 
 @pytest.mark.slow
 def test_fedpa_over_flower_reproduces_the_embedded_run_through_a_restart(tmp_path, monkeypatch):
+    from fellrec.runtime.flower.fedpa import FedPANode
+
     monkeypatch.setenv("FELLREC_CACHE", str(tmp_path / "cache"))
     cfg = load_config(None, FEDPA)
     embedded_dir = run(cfg, tmp_path / "embedded", progress=False)
@@ -494,3 +496,5 @@ def test_fedpa_over_flower_reproduces_the_embedded_run_through_a_restart(tmp_pat
             {p.name for p in folder.iterdir()}
         own = ClientState(folder).latest("fit", 2)
         assert own[0]["own"].numel() > 0 and own[1]["rounds"] == [1]  # the user's own rows and adapter
+    with pytest.raises(ValueError, match=r"client-id=4: this FedPA run has clients 0\.\.3 \(one per private user\)"):
+        FedPANode(dump(cfg), "4", tmp_path / "state-4")
