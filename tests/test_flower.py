@@ -498,3 +498,20 @@ def test_fedpa_over_flower_reproduces_the_embedded_run_through_a_restart(tmp_pat
         assert own[0]["own"].numel() > 0 and own[1]["rounds"] == [1]  # the user's own rows and adapter
     with pytest.raises(ValueError, match=r"client-id=4: this FedPA run has clients 0\.\.3 \(one per private user\)"):
         FedPANode(dump(cfg), "4", tmp_path / "state-4")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["frozen", "local-fedpa", "fedavg-full"])
+def test_fedpa_baselines_over_flower_reproduce_the_embedded_runs(tmp_path, monkeypatch, algorithm):
+    """No round at all (the frozen foundation), nothing shared (FedPA's model alone), the whole model shared."""
+    monkeypatch.setenv("FELLREC_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(None, [*FEDPA, f"fedpa.algorithm={algorithm}", f"name={algorithm}", "fedpa.lr=0.01"])
+    embedded_dir = run(cfg, tmp_path / "embedded", progress=False)
+    nodes = {100 + i: {"client-id": i, "state-dir": str(tmp_path / f"state-{i}")} for i in range(4)}
+    serve(cfg, tmp_path / "run", tmp_path, nodes=nodes)
+    close(lines(embedded_dir / "metrics.jsonl"), lines(tmp_path / "run" / "metrics.jsonl"), "metrics")
+    res_e = json.loads((embedded_dir / "results.json").read_text())
+    res_f = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res_f["algorithm"] == f"fedpa:{algorithm}" and res_f["rounds"] == (0 if algorithm == "frozen" else 2)
+    for key in ("overall", "valid", "best_round", "per_round", "communication"):
+        close(res_e[key], res_f[key], key)
