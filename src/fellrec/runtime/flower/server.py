@@ -12,7 +12,9 @@
 
 The server holds no data and, unless in split mode, no model: what it knows of the clients comes
 from their replies. In split mode (``storage.k``) it builds the base model and keeps the trunk, and
-every client exchange goes through it (``fellrec.runtime.flower.split``).
+every client exchange goes through it (``fellrec.runtime.flower.split``). FedPA
+(``model.backbone: ctr``) has its own setup and test (``fellrec.runtime.flower.fedpa``): its server
+pre-trains the foundation model on the public users' data, which is the server's in FedPA.
 A client is its ``client-id``, never a Flower node id: a restarted SuperNode gets a new node id, so
 ``Nodes`` asks every node it has not seen yet who it is (``query.whoami``), and a message whose node
 went away (error NODE_UNAVAILABLE) is sent again to the node that now holds that client. A client
