@@ -1,17 +1,14 @@
 """fellrec on Flower 1.41: the records, the client's state on disk, the ServerApp's message exchange,
 and whole runs that must equal the embedded runtime's.
 
-Two levels:
-- in process: the real ServerApp main loop and the real ClientApp, joined by a grid stand-in that
-  delivers each message to the ClientApp at once (and can make a node vanish);
-- a real local deployment (``slow``): one SuperLink and three SuperNodes on 127.0.0.1, runs
-  submitted with ``flwr run`` and judged by the status the SuperLink recorded.
+Here in process: the real ServerApp main loop and the real ClientApp, joined by a grid stand-in that
+delivers each message to the ClientApp at once (and can make a node vanish). The same runs on real
+Flower processes (a local deployment, the simulation engine) are in tests/test_flower_deploy.py.
 """
 
 import gc
 import json
 import sys
-import time
 import uuid
 import weakref
 from collections import Counter
@@ -205,16 +202,19 @@ def serve(cfg, run_dir, tmp_path, nodes=None, on_deliver=None):
     return grid
 
 
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
+def embedded_runs(root: Path) -> dict[str, Path]:
     """The embedded runtime's runs that the Flower runs must reproduce, by algorithm."""
     out = {}
-    root = tmp_path_factory.mktemp("embedded")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FELLREC_CACHE", str(root / "cache"))
         for alg in ("fedavg", "fellrec"):
             out[alg] = run(load_config(None, [*THREE, f"train.algorithm={alg}", f"name={alg}"]), root, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    return embedded_runs(tmp_path_factory.mktemp("embedded"))
 
 
 @pytest.mark.slow
@@ -292,61 +292,6 @@ def flower_run(dep: deploy.LocalDeployment, cfg, run_dir: Path, timeout_s: float
                            run_dir.parent / f"{run_dir.name}-run-config.toml")
     return deploy.wait_run(dep.cli_home, deploy.CONNECTION, run_id, timeout_s=timeout_s, poll_s=2.0,
                            on_poll=on_poll)
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    home = tmp_path_factory.mktemp("flower")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FELLREC_CACHE", str(home / "cache"))  # the SuperNodes' environment
-        with deploy.LocalDeployment(home, 3) as dep:
-            yield dep
-
-
-@pytest.mark.slow
-def test_a_real_deployment_reproduces_the_embedded_fellrec_run(deployment, embedded, tmp_path):
-    """FELLRec here; FedAvg on a real deployment is the next test's run (with a SuperNode killed)."""
-    algorithm = "fellrec"
-    cfg = load_config(None, [*THREE, f"train.algorithm={algorithm}", f"name={algorithm}"])
-    record = flower_run(deployment, cfg, tmp_path / "run")
-    assert record["status"] == "finished:completed"
-    assert_same_run(tmp_path / "run", embedded[algorithm])
-
-
-@pytest.mark.slow
-def test_a_supernode_killed_mid_run_comes_back_and_the_run_finishes(tmp_path, embedded):
-    cfg = load_config(None, [*THREE, "train.algorithm=fedavg", "name=fedavg"])
-    with deploy.LocalDeployment(tmp_path / "flower", 3) as dep:  # its own: this test restarts a node
-        log = dep.log_path("node-1")
-        killed = []
-
-        def kill_in_round_one(_run):
-            # whoami, setup, then the first training message: kill the SuperNode while it trains
-            if not killed and log.read_text(errors="replace").count("Start `flwr-clientapp` process") >= 3:
-                time.sleep(1.0)
-                dep.kill_node(1)
-                dep.start_node(1)
-                killed.append(True)
-
-        record = flower_run(dep, cfg, tmp_path / "run", on_poll=kill_in_round_one)
-    assert killed and record["status"] == "finished:completed"
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    lives = sorted(p.name for p in (tmp_path / "flower").glob("node-1*.log"))
-    starts = [p.read_text(errors="replace").count("Start `flwr-clientapp` process")
-              for p in sorted((tmp_path / "flower").glob("node-1*.log"))]
-    story = f"(node-1 logs {lives}, ClientApps started {starts}, runtime {results['runtime']})"
-    assert results["runtime"]["messages_resent"] >= 1, story
-    # client 1's state survived: each round's files, the selected round, the adapter its test used
-    state = next((tmp_path / "flower" / "node-1" / "state").glob("fedavg-*/client-1"))
-    names = sorted(p.name for p in state.iterdir())
-    assert names == ["adapter.safetensors", "data.pkl", "eval-1.safetensors", "eval-2.safetensors",
-                     "fit-1.safetensors", "fit-2.safetensors"], story
-    expected = json.loads((embedded["fedavg"] / "results.json").read_text())["best_round"]["1"]
-    assert ClientState(state).latest("eval", 2)[1]["best_round"] == expected, story
-    try:
-        assert_same_run(tmp_path / "run", embedded["fedavg"])
-    except AssertionError as err:
-        raise AssertionError(f"{err} {story}") from None
 
 
 def test_a_failed_run_is_reported_as_failed_not_by_exit_code(tmp_path, monkeypatch):
@@ -450,13 +395,6 @@ def test_split_bigrec_over_flower_trains_validates_and_generates_as_the_embedded
     assert_same_run(tmp_path / "run", expected)
     kinds = Counter(k for k, _ in grid.delivered)
     assert kinds["evaluate.test_split"] > 3  # beam search: a round trip per generated token
-
-
-@pytest.mark.slow
-def test_a_real_deployment_runs_split_mode_as_the_embedded_split_run(deployment, embedded_split, tmp_path):
-    record = flower_run(deployment, load_config(None, SPLIT), tmp_path / "run")
-    assert record["status"] == "finished:completed"
-    assert_same_run(tmp_path / "run", embedded_split)
 
 
 # ---- FedPA: one private user per client ------------------------------------------------------------

@@ -1,0 +1,144 @@
+"""fellrec on real Flower processes: a local deployment (one SuperLink and three SuperNodes on
+127.0.0.1) and Flower's simulation engine (Ray, the ``simulation`` extra). Each run is submitted with
+``flwr run``, judged by the status the SuperLink recorded, and must equal the embedded run.
+
+These tests wait on Flower's latency (a process per ClientApp message, 3 s SuperNode polling) more
+than they compute, so they live apart from the in-process tests of tests/test_flower.py: pytest-xdist
+runs this file beside the others.
+"""
+
+import importlib.util
+import json
+import os
+import time
+
+import psutil
+import pytest
+
+from fellrec.cli import main
+from fellrec.config import load_config
+from fellrec.run import run
+from fellrec.runtime.flower import deploy
+from fellrec.runtime.flower.client import ClientState
+from test_flower import SPLIT, THREE, assert_same_run, embedded_runs, embedded_split_run, flower_run
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FELLREC_CACHE", str(tmp_path / "cache"))  # the SuperLink's: the ServerApp's and ClientApps'
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    return embedded_runs(tmp_path_factory.mktemp("embedded"))
+
+
+@pytest.fixture(scope="module")
+def embedded_split(tmp_path_factory):
+    return embedded_split_run(tmp_path_factory.mktemp("embedded-split"), SPLIT)
+
+
+# ---- a local deployment --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    home = tmp_path_factory.mktemp("flower")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FELLREC_CACHE", str(home / "cache"))  # the SuperNodes' environment
+        with deploy.LocalDeployment(home, 3) as dep:
+            yield dep
+
+
+@pytest.mark.slow
+def test_a_real_deployment_reproduces_the_embedded_fellrec_run(deployment, embedded, tmp_path):
+    """FELLRec here; FedAvg on a real deployment is the next test's run (with a SuperNode killed)."""
+    algorithm = "fellrec"
+    cfg = load_config(None, [*THREE, f"train.algorithm={algorithm}", f"name={algorithm}"])
+    record = flower_run(deployment, cfg, tmp_path / "run")
+    assert record["status"] == "finished:completed"
+    assert_same_run(tmp_path / "run", embedded[algorithm])
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_run_comes_back_and_the_run_finishes(tmp_path, embedded):
+    cfg = load_config(None, [*THREE, "train.algorithm=fedavg", "name=fedavg"])
+    with deploy.LocalDeployment(tmp_path / "flower", 3) as dep:  # its own: this test restarts a node
+        log = dep.log_path("node-1")
+        killed = []
+
+        def kill_in_round_one(_run):
+            # whoami, setup, then the first training message: kill the SuperNode while it trains
+            if not killed and log.read_text(errors="replace").count("Start `flwr-clientapp` process") >= 3:
+                time.sleep(1.0)
+                dep.kill_node(1)
+                dep.start_node(1)
+                killed.append(True)
+
+        record = flower_run(dep, cfg, tmp_path / "run", on_poll=kill_in_round_one)
+    assert killed and record["status"] == "finished:completed"
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    lives = sorted(p.name for p in (tmp_path / "flower").glob("node-1*.log"))
+    starts = [p.read_text(errors="replace").count("Start `flwr-clientapp` process")
+              for p in sorted((tmp_path / "flower").glob("node-1*.log"))]
+    story = f"(node-1 logs {lives}, ClientApps started {starts}, runtime {results['runtime']})"
+    assert results["runtime"]["messages_resent"] >= 1, story
+    # client 1's state survived: each round's files, the selected round, the adapter its test used
+    state = next((tmp_path / "flower" / "node-1" / "state").glob("fedavg-*/client-1"))
+    names = sorted(p.name for p in state.iterdir())
+    assert names == ["adapter.safetensors", "data.pkl", "eval-1.safetensors", "eval-2.safetensors",
+                     "fit-1.safetensors", "fit-2.safetensors"], story
+    expected = json.loads((embedded["fedavg"] / "results.json").read_text())["best_round"]["1"]
+    assert ClientState(state).latest("eval", 2)[1]["best_round"] == expected, story
+    try:
+        assert_same_run(tmp_path / "run", embedded["fedavg"])
+    except AssertionError as err:
+        raise AssertionError(f"{err} {story}") from None
+
+
+@pytest.mark.slow
+def test_a_real_deployment_runs_split_mode_as_the_embedded_split_run(deployment, embedded_split, tmp_path):
+    record = flower_run(deployment, load_config(None, SPLIT), tmp_path / "run")
+    assert record["status"] == "finished:completed"
+    assert_same_run(tmp_path / "run", embedded_split)
+
+
+# ---- Flower's simulation engine ----------------------------------------------------------------------
+
+
+def started_under(root) -> list[psutil.Process]:
+    """Processes whose FLWR_HOME is under ``root``: the SuperLink and all it started, Ray's included."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get("FLWR_HOME", "").startswith(str(root)):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_simulated_run_reproduces_the_embedded_run(tmp_path):
+    pytest.importorskip("ray")
+    cfg = load_config(None, [*THREE, "train.algorithm=fedavg", "name=fedavg"])
+    expected = run(cfg, tmp_path / "embedded", progress=False)
+    with deploy.SimulationDeployment(tmp_path / "sim", 3) as dep:
+        record = flower_run(dep, cfg, tmp_path / "run", timeout_s=600)
+    assert record["status"] == "finished:completed"
+    assert_same_run(tmp_path / "run", expected)
+    # virtual SuperNode i (node config partition-id=i) was client i, its state in $FELLREC_CACHE/flower-state
+    (folder,) = (tmp_path / "cache" / "flower-state").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["client-0", "client-1", "client-2"]
+    assert list((tmp_path / "sim" / "ray" / "ray").glob("session_*/logs"))  # Ray's files in the deployment's home
+    assert not started_under(tmp_path)
+
+
+def test_simulation_without_ray_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
+    sets = [x for s in THREE for x in ("--set", s)]
+    assert main(["flower", "run", "--simulation", "--home", str(tmp_path / "f"), *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fellrec: error: ") and "pip install -e '.[simulation]'" in err and "\n" not in err
+    assert not (tmp_path / "f").exists()
