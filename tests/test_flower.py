@@ -32,9 +32,12 @@ from fellrec.strategies import ClientUpdate, Payload
 sys.path.insert(0, str(deploy.APP_DIR))
 from fellrec_flower.client_app import app as client_app
 
+# LoRA dropout well above 0 and a large step: a validation or test that ran with dropout on (as a
+# fresh ClientApp process once did) would change the metrics, so the comparisons below would see it
 THREE = ["model.name_or_path=tiny-random", "partition.method=attribute", "partition.attribute=age",
          "partition.bins=[0,25,40,100]", "train.batch_size=4", "train.local_steps=2", "train.max_train_samples=48",
-         "eval.max_valid_samples=8", "eval.max_test_samples=24", "train.rounds=2"]
+         "eval.max_valid_samples=8", "eval.max_test_samples=24", "train.rounds=2", "model.lora.dropout=0.3",
+         "train.lr=0.05"]
 
 
 @pytest.fixture(autouse=True)

@@ -38,7 +38,8 @@ def add_lora(model: nn.Module, settings: LoraSettings, seed: int = 0) -> PeftMod
         warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renamed a gradient-checkpointing flag
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config, adapter_name=_ADAPTER)
-    return peft_model
+    # peft's new dropout layers start in training mode; a model is in eval mode until something trains it
+    return peft_model.eval()
 
 
 def _strip(name: str) -> str:

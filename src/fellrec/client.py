@@ -28,7 +28,7 @@ from fellrec.config import TrainConfig
 from fellrec.evaluate import evaluate
 from fellrec.split import Samples
 from fellrec.strategies import ClientUpdate, Payload, Tensors
-from fellrec.train import BatchSampler, make_optimizer, mean_loss, train_steps
+from fellrec.train import BatchSampler, inference, make_optimizer, mean_loss, train_steps
 
 
 def derive_seed(seed: int, rnd: int, client: str) -> int:
@@ -112,7 +112,8 @@ class AdapterTrainer:
     def test(self, samples: Samples) -> dict[str, np.ndarray]:
         """Per-sample test metrics with the selected (best validation) adapter."""
         self._load(self.best)
-        return evaluate(self.backbone.rank, samples, batch_size=self.eval_batch_size, ks=self.ks)
+        with inference(self.backbone.model):
+            return evaluate(self.backbone.rank, samples, batch_size=self.eval_batch_size, ks=self.ks)
 
     def score(self, adapter: Tensors, samples: Samples) -> dict[str, float]:
         """Mean validation loss (``select_by: loss``) or mean ranking metrics of ``adapter``."""
@@ -121,7 +122,8 @@ class AdapterTrainer:
         self._load(adapter)
         if self.select_by == "loss":
             return {"loss": mean_loss(self.backbone.model, self.backbone.loss, samples, self.eval_batch_size)}
-        per_sample = evaluate(self.backbone.rank, samples, batch_size=self.eval_batch_size, ks=self.ks)
+        with inference(self.backbone.model):
+            per_sample = evaluate(self.backbone.rank, samples, batch_size=self.eval_batch_size, ks=self.ks)
         return {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in per_sample.items()}
 
     def _load(self, adapter: Tensors) -> None:

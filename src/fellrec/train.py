@@ -6,7 +6,8 @@ Every algorithm trains through ``train_steps``: each client's local training in 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -75,12 +76,25 @@ def train_steps(module: nn.Module, loss: Callable[[Samples], Tensor], samples: S
     return losses
 
 
-@torch.no_grad()
+@contextmanager
+def inference(module: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) and no gradients, whatever mode ``module`` was left in by what ran
+    before; its mode is given back afterwards. Every scoring path runs under it, so a score does not
+    depend on whether the process trained first (a resumed run, a Flower message)."""
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was)
+
+
 def mean_loss(module: nn.Module, loss: Callable[[Samples], Tensor], samples: Samples, batch_size: int) -> float:
     """The loss averaged over ``samples`` (in eval mode, batch by batch, weighted by batch size)."""
-    module.eval()
     total = 0.0
-    for start in range(0, len(samples), batch_size):
-        batch = samples.take(np.arange(start, min(start + batch_size, len(samples))))
-        total += float(loss(batch)) * len(batch)
+    with inference(module):
+        for start in range(0, len(samples), batch_size):
+            batch = samples.take(np.arange(start, min(start + batch_size, len(samples))))
+            total += float(loss(batch)) * len(batch)
     return total / max(1, len(samples))

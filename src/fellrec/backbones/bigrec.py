@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from fellrec.backbones import text
 from fellrec.backbones.prompts import Prompt
 from fellrec.split import Samples
+from fellrec.train import inference
 
 
 class BIGRec:
@@ -70,24 +71,23 @@ class BIGRec:
 
     # ---- ranking -------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def generate(self, batch: Samples) -> list[str]:
         """The title the model writes for each sample (beam search from the instruction prompt)."""
         ids = [self._ids(self.prompt.instruction([self.titles[i] for i in h]))[-self.max_len:]
                for h in batch.history]
         dev = text.device_of(self.model)
         inputs = {k: v.to(dev) for k, v in text.pad(ids, self.tok.pad_token_id, left=True).items()}
-        out = self.model.generate(**inputs, num_beams=self.num_beams, do_sample=False,
-                                  max_new_tokens=self.max_new_tokens, eos_token_id=self.tok.eos_token_id,
-                                  pad_token_id=self.tok.pad_token_id)
+        with inference(self.model):
+            out = self.model.generate(**inputs, num_beams=self.num_beams, do_sample=False,
+                                      max_new_tokens=self.max_new_tokens, eos_token_id=self.tok.eos_token_id,
+                                      pad_token_id=self.tok.pad_token_id)
         new = out[:, inputs["input_ids"].shape[1]:]
         return [Prompt.parse(s) for s in self.tok.batch_decode(new, skip_special_tokens=True)]
 
-    @torch.no_grad()
     def embed(self, texts: list[str]) -> Tensor:
         """Base-model (adapter off) last-layer, last-token embeddings [N, H] (BIGRec's grounding)."""
         off = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
-        with off:
+        with inference(self.model), off:
             return text.encode(self.model, self.tok, texts, max_len=self.max_len, pooling="last",
                                batch_size=self.embed_batch_size)
 
@@ -100,10 +100,10 @@ class BIGRec:
                 self._item_emb = text.cached(key, lambda: self.embed(self.titles)).to(text.device_of(self.model))
         return self._item_emb
 
-    @torch.no_grad()
     def ground(self, generated: list[str]) -> Tensor:
         """Scores [B, num_items]: minus the L2 distance from each text to every item title."""
-        return -torch.cdist(self.embed([g or " " for g in generated]), self.item_embeddings())
+        with torch.no_grad():
+            return -torch.cdist(self.embed([g or " " for g in generated]), self.item_embeddings())
 
     def rank(self, batch: Samples) -> Tensor:
         return self.ground(self.generate(batch))

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from fellrec.backbones import text
 from fellrec.backbones.prompts import Prompt
 from fellrec.split import Samples
+from fellrec.train import inference
 
 
 class TextRanker:
@@ -65,7 +66,7 @@ class TextRanker:
     def item_table(self) -> Tensor:
         """All items' vectors as the ranking uses them (cached; see ``refresh``)."""
         if self._items is None:
-            with torch.no_grad():
+            with inference(self.model):
                 if self.item_side == "frozen" and self.cache_key is not None:
                     key = "\n".join([self.cache_key, self.pooling, str(self.max_len), *self.titles])
                     raw = text.cached(key, lambda: self._encode(self.titles, adapter=False))
@@ -98,9 +99,9 @@ class TextRanker:
         labels = torch.as_tensor(index[:len(targets)], dtype=torch.long, device=u.device)
         return F.cross_entropy(u @ items.T / self.temperature, labels)
 
-    @torch.no_grad()
     def rank(self, batch: Samples) -> Tensor:
-        return self.user_vectors(batch) @ self.item_table().T / self.temperature
+        with inference(self.model):
+            return self.user_vectors(batch) @ self.item_table().T / self.temperature
 
     def _encode(self, texts: list[str], adapter: bool) -> Tensor:
         off = nullcontext() if adapter or not hasattr(self.model, "disable_adapter") else self.model.disable_adapter()
