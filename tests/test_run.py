@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,20 +152,22 @@ def test_finished_run_is_never_overwritten(tmp_path):
     assert (out / "results.json").read_text() == before
 
 
-KILLER = """
-import os, signal, sys
-from fellrec import client
-calls = {"n": 0}
-fit = client.AdapterTrainer.fit
-def fit_then_die(self, payload, rnd, on_step=None):
-    calls["n"] += 1
-    if calls["n"] == int(os.environ["DIE_AT_FIT"]):
-        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no atexit: as a power cut would
-    return fit(self, payload, rnd, on_step)
-client.AdapterTrainer.fit = fit_then_die
-from fellrec.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+KILLER = str(Path(__file__).with_name("killer.py"))
+
+
+def killed_run(runs_dir, args, where, nth=1):
+    """``fellrec run`` in a child process, SIGKILLed at the ``nth`` call of ``where`` (see killer.py)."""
+    env = {**os.environ, "DIE_IN": where, "DIE_AT_CALL": str(nth), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, KILLER, "run", "--quiet", "--runs-dir", str(runs_dir), *args], env=env,
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+
+def same_results(a, b):
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+    for r in (ra, rb):
+        r.pop("time_s"), r.pop("train_time_s")
+    assert ra == rb
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "local", "fellrec"])
@@ -173,10 +176,8 @@ def test_resume_after_a_kill_mid_round_ends_like_an_uninterrupted_run(tmp_path, 
     args = [a for s in sets for a in ("--set", s)]
     assert main(["run", "--quiet", "--runs-dir", str(tmp_path / "a"), "--set", "name=x", *args]) == 0
 
-    env = {**os.environ, "DIE_AT_FIT": "4", "OMP_NUM_THREADS": "1"}  # 2 clients: dies in round 2, 2nd client
-    killed = subprocess.run([sys.executable, "-c", KILLER, "run", "--quiet", "--runs-dir", str(tmp_path / "b"),
-                             "--set", "name=x", *args], env=env, capture_output=True, text=True)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # 2 clients: dies in round 2, at the 2nd client's local training
+    killed_run(tmp_path / "b", ["--set", "name=x", *args], "fellrec/client.py:AdapterTrainer.fit", 4)
     cut = tmp_path / "b" / "x"
     assert (cut / "checkpoint.safetensors").exists() and not (cut / "results.json").exists()
     assert [r["round"] for r in lines(cut / "metrics.jsonl")] == [1]
@@ -185,10 +186,7 @@ def test_resume_after_a_kill_mid_round_ends_like_an_uninterrupted_run(tmp_path, 
 
     assert main(["run", "--quiet", "--resume", str(cut)]) == 0
     a, b = tmp_path / "a" / "x", cut
-    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
-    for r in (ra, rb):
-        r.pop("time_s"), r.pop("train_time_s")
-    assert ra == rb
+    same_results(a, b)
     la, lb = lines(a / "metrics.jsonl"), lines(b / "metrics.jsonl")
     for r in (*la, *lb):
         r.pop("time_s")
@@ -197,6 +195,65 @@ def test_resume_after_a_kill_mid_round_ends_like_an_uninterrupted_run(tmp_path, 
         ta, tb = load_file(a / "adapters" / f), load_file(b / "adapters" / f)
         assert all(torch.equal(ta[k], tb[k]) for k in ta), f
     assert not (b / "checkpoint.safetensors").exists()
+
+
+# LoRA dropout high and a large step, so that scoring with dropout on would change the rankings
+NOISY = [*FAST, "model.lora.dropout=0.5", "train.lr=0.05", "train.rounds=2", "name=x"]
+
+
+def test_resume_after_a_kill_in_the_test_phase_gives_the_same_results(tmp_path):
+    args = [a for s in NOISY for a in ("--set", s)]
+    assert main(["run", "--quiet", "--runs-dir", str(tmp_path / "a"), *args]) == 0
+    killed_run(tmp_path / "b", args, "fellrec/client.py:AdapterTrainer.test", 2)  # the second client's test
+    cut = tmp_path / "b" / "x"
+    assert (cut / "checkpoint.safetensors").exists() and not (cut / "results.json").exists()
+    assert main(["run", "--quiet", "--resume", str(cut)]) == 0
+    same_results(tmp_path / "a" / "x", cut)
+
+
+@pytest.mark.parametrize("backbone", ["ranker", "bigrec"])
+def test_scores_do_not_depend_on_the_mode_the_model_was_left_in(tmp_path, backbone):
+    """Scoring straight after building the backbone (a resumed run, a Flower message) or after
+    training gives the same numbers: every scoring path runs in eval mode, without gradients."""
+    from fellrec.client import AdapterTrainer
+    from fellrec.pipeline import prepare
+    from fellrec.run import build_backbone, catalogue, pick_test, read_full, trainer_options
+    from fellrec.strategies import Payload
+
+    cfg = load_config(None, [*NOISY, f"model.backbone={backbone}", "model.num_beams=2", "model.max_new_tokens=6",
+                             "eval.select_by=recall@10"])
+    p = prepare(cfg, progress=False)
+    test = pick_test(p).take(np.arange(8))
+    backbone = build_backbone(cfg, *catalogue(p))
+    assert not backbone.model.training  # a fresh adapter comes out in eval mode
+    torch.manual_seed(0)
+    adapter = {k: v + 0.5 * torch.randn_like(v) for k, v in read_full(backbone.model).items()}
+    trainer = AdapterTrainer("0", backbone, test, test, **trainer_options(cfg, adapter))
+    runs = []
+    for mode in (True, False, True):
+        backbone.model.train(mode)
+        runs.append((trainer.test(test), trainer.evaluate(Payload(adapter, {}), 1)))
+        assert backbone.model.training == mode  # the caller's mode is given back
+    for tested, validated in runs[1:]:
+        assert validated == runs[0][1]
+        for k in tested:
+            np.testing.assert_array_equal(tested[k], runs[0][0][k])
+
+
+@pytest.mark.parametrize("where", ["fellrec/report.py:plot_convergence", "fellrec/report.py:render_report",
+                                   "fellrec/run.py:finish"])
+def test_resume_after_a_kill_while_the_outputs_are_written_completes_them(tmp_path, where):
+    args = [a for s in [*FAST, "train.rounds=1", "name=x"] for a in ("--set", s)]
+    assert main(["run", "--quiet", "--runs-dir", str(tmp_path / "a"), *args]) == 0
+    killed_run(tmp_path / "b", args, where)
+    cut = tmp_path / "b" / "x"
+    assert main(["run", "--quiet", "--resume", str(cut)]) == 0
+    a = tmp_path / "a" / "x"
+    for sub in ("", "plots", "adapters"):  # every output file, and nothing else (no temporary leftovers)
+        assert sorted(p.name for p in (cut / sub).iterdir()) == sorted(p.name for p in (a / sub).iterdir()), sub
+    same_results(a, cut)
+    report = [(d / "report.md").read_text().split("\n") for d in (a, cut)]
+    assert report[0][3:] == report[1][3:]  # all but the title and the settings line (with the time)
 
 
 def test_resume_refuses_a_changed_config(tmp_path):
@@ -239,6 +296,36 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys, setting, message):
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("fellrec: error: ") and message in err
     assert not (tmp_path / "bad" / "results.json").exists()
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["data.format=ml-csv", "data.path={bad}"], "ratings.csv:3"),
+    (["data.format=ml-1m", "data.path={missing}"], "not found"),
+    (["partition.method=kmeans", "partition.num_clients=5000"], "lower num_clients"),
+    (["storage.k=7"], "storage.k"),
+])
+def test_a_failed_start_leaves_no_run_folder(tmp_path, capsys, settings, message):
+    bad = tmp_path / "ml-bad"
+    bad.mkdir()
+    (bad / "movies.csv").write_text("movieId,title,genres\n1,Heat (1995),Action\n2,Up (2009),Comedy\n")
+    (bad / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,10\n1,2,four,11\n")
+    sets = [s.format(bad=bad, missing=tmp_path / "nothing") for s in settings]
+    runs = tmp_path / "runs"
+    args = [a for s in [*FAST, "name=f", *sets] for a in ("--set", s)]
+    code = main(["run", "--quiet", "--runs-dir", str(runs), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (runs / "f").exists()
+
+
+def test_a_failed_start_of_a_resumed_run_keeps_its_checkpoint(tmp_path):
+    args = [a for s in [*FAST, "train.rounds=2", "name=x"] for a in ("--set", s)]
+    killed_run(tmp_path, args, "fellrec/client.py:AdapterTrainer.fit", 3)  # in round 2
+    cut = tmp_path / "x"
+    before = sorted(p.name for p in cut.iterdir())
+    assert "checkpoint.safetensors" in before
+    killed_run(tmp_path, ["--resume", str(cut)], "fellrec/client.py:AdapterTrainer.fit", 1)
+    assert sorted(p.name for p in cut.iterdir()) == before
 
 
 def test_device_choice():

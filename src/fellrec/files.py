@@ -4,6 +4,7 @@ a crash never leaves a half-written file in place of a good one."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -40,3 +41,18 @@ def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[st
 
     data = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     return atomic(path, lambda tmp: save_file(data, tmp, metadata=metadata))
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>\.[^.]*)?$")
+
+
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that ``atomic`` left in ``folder`` and below when its process was
+    killed before renaming them; the paths deleted."""
+    gone = []
+    for path in sorted(Path(folder).rglob(".*")):
+        m = _TEMPORARY.match(path.name)
+        if path.is_file() and m and m["name"].endswith(m["suffix"] or ""):
+            path.unlink()
+            gone.append(path)
+    return gone

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -43,8 +42,7 @@ from fellrec.files import save_tensors, write_text
 from fellrec.llm import load_base, model_id
 from fellrec.metrics import metric_keys, summarize
 from fellrec.pipeline import Prepared, prepare
-from fellrec.report import write_report
-from fellrec.runtime.checkpoint import NAME as CHECKPOINT
+from fellrec.rundir import begun, complete, is_finished, is_resumable
 from fellrec.runtime.embedded import EmbeddedRuntime, plain
 from fellrec.split import Samples
 from fellrec.strategies import POOLED, make_strategy
@@ -72,39 +70,38 @@ def per_algorithm(cfg: Config) -> list[Config]:
 
 def run(cfg: Config, runs_dir: str | Path = "runs", progress: bool = True, resume: bool = False) -> Path:
     out = Path(runs_dir) / cfg.name
-    if (out / "results.json").exists():
+    if is_finished(out):
         if resume:
-            return out
+            return complete(out)
         raise ConfigError(f"name: {out} already holds a finished run; see it with `fellrec report {out}`, or "
                           "choose another name (--set name=...)")
-    if (out / CHECKPOINT).exists():
+    if is_resumable(out):
         if not resume:
             raise ConfigError(f"name: {out} holds an unfinished run; continue it with `fellrec run --resume {out}`, "
                               "or choose another name (--set name=...)")
         check_same_config(out / "config.yaml", cfg)
-    (out / "adapters").mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", dump(cfg))
-    started = time.time()
-    torch.manual_seed(cfg.seed)
-    if cfg.model.backbone == "ctr":  # FedPA: its own data path (per-user split, one client per user)
-        return finish(cfg, out, started, ctr_run(cfg, out, progress))
-    p = prepare(cfg, progress=progress)
-    test = pick_test(p)
-    if cfg.model.backbone in ("most-popular", "sasrec"):
-        per_user, extra = reference_run(cfg, p, test, out, progress)
-    else:
-        per_user, extra = federated_run(cfg, p, test, out, progress)
-        started -= extra.pop("earlier_s")  # a resumed run counts the rounds of the processes before
-    results = {
-        "name": cfg.name,
-        "algorithm": cfg.train.algorithm,
-        "backbone": cfg.model.backbone,
-        "dataset": p.dataset.name,
-        **summarize(per_user, p.client_of(test.user)),
-        "client_names": {str(c): n for c, n in enumerate(p.partition.names)},
-        **extra,
-    }
-    return finish(cfg, out, started, results)
+    with begun(out, dump(cfg)):
+        started = time.time()
+        torch.manual_seed(cfg.seed)
+        if cfg.model.backbone == "ctr":  # FedPA: its own data path (per-user split, one client per user)
+            return finish(cfg, out, started, ctr_run(cfg, out, progress))
+        p = prepare(cfg, progress=progress)
+        test = pick_test(p)
+        if cfg.model.backbone in ("most-popular", "sasrec"):
+            per_user, extra = reference_run(cfg, p, test, out, progress)
+        else:
+            per_user, extra = federated_run(cfg, p, test, out, progress)
+            started -= extra.pop("earlier_s")  # a resumed run counts the rounds of the processes before
+        results = {
+            "name": cfg.name,
+            "algorithm": cfg.train.algorithm,
+            "backbone": cfg.model.backbone,
+            "dataset": p.dataset.name,
+            **summarize(per_user, p.client_of(test.user)),
+            "client_names": {str(c): n for c, n in enumerate(p.partition.names)},
+            **extra,
+        }
+        return finish(cfg, out, started, results)
 
 
 def ctr_run(cfg: Config, out: Path, progress: bool) -> dict:
@@ -117,13 +114,11 @@ def ctr_run(cfg: Config, out: Path, progress: bool) -> dict:
 
 
 def finish(cfg: Config, out: Path, started: float, results: dict) -> Path:
-    """results.json (with the run's whole time), the checkpoint removed, the report written."""
+    """results.json (with the run's whole time), then the checkpoint removed and the report written
+    (``fellrec.rundir.complete``, which a resumed run calls again if this process dies before the end)."""
     results["time_s"] = round(time.time() - started, 1)
     write_text(out / "results.json", json.dumps(plain(results), indent=2))
-    if (out / CHECKPOINT).exists():
-        os.unlink(out / CHECKPOINT)  # everything it held is in the finished files now
-    write_report(out)
-    return out
+    return complete(out)
 
 
 def check_same_config(path: Path, cfg: Config) -> None:

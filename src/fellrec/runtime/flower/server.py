@@ -223,17 +223,13 @@ def setup(nodes: Nodes, wait_s: float, content: Callable[[], RecordDict] = Recor
 
 def server_main(grid, context) -> None:
     """The ServerApp: one fellrec run over the SuperNodes, into ``run-dir``."""
-    from fellrec.config import config_from_text, dump, to_dict
+    from fellrec.config import config_from_text, dump
     from fellrec.errors import ConfigError
-    from fellrec.files import save_tensors, write_text
-    from fellrec.metrics import summarize
-    from fellrec.run import finish, selection_metric
-    from fellrec.runtime.checkpoint import NAME as CHECKPOINT
-    from fellrec.strategies import make_strategy
+    from fellrec.rundir import begun, is_finished, is_resumable
 
     rc = context.run_config
     cfg = config_from_text(str(rc["fellrec-config"]), "run config fellrec-config")
-    t, e = cfg.train, cfg.eval
+    t = cfg.train
     if cfg.model.backbone not in ("ranker", "bigrec", "ctr"):
         raise ConfigError(f"model.backbone: {cfg.model.backbone} does not run on Flower (ranker, bigrec and ctr do)")
     if t.algorithm == "centralized" and cfg.model.backbone != "ctr":
@@ -241,12 +237,23 @@ def server_main(grid, context) -> None:
     if str(rc.get("run-dir", "")) == "":
         raise ConfigError("run config run-dir: empty; say where the ServerApp writes the run")
     out = Path(str(rc["run-dir"])).expanduser()
-    if (out / "results.json").exists():
+    if is_finished(out):
         raise ConfigError(f"run-dir: {out} already holds a finished run")
-    if (out / CHECKPOINT).exists() and not bool(rc.get("resume", False)):
+    if is_resumable(out) and not bool(rc.get("resume", False)):
         raise ConfigError(f"run-dir: {out} holds an unfinished run; continue it with resume=true")
-    (out / "adapters").mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", dump(cfg))
+    with begun(out, dump(cfg)):
+        _serve(cfg, rc, out, grid)
+
+
+def _serve(cfg, rc, out: Path, grid) -> None:
+    """The rounds, the test and the results of one run, into ``out``."""
+    from fellrec.config import to_dict
+    from fellrec.files import save_tensors
+    from fellrec.metrics import summarize
+    from fellrec.run import finish, selection_metric
+    from fellrec.strategies import make_strategy
+
+    t, e = cfg.train, cfg.eval
     started = time.time()
     nodes = Nodes(grid, timeout_s=float(rc.get("round-timeout", 3600.0)), poll_s=float(rc.get("poll-s", 0.5)),
                   retries=int(rc.get("retries", 3)))
