@@ -71,6 +71,69 @@ def test_bad_data_file_is_one_line_and_status_2(tmp_path):
                                   "is not a number")
 
 
+def ml_csv(folder: Path, ratings: list[str], movies: list[str] | None = None) -> list[str]:
+    """An ml-latest-small style folder; the --set arguments that load it."""
+    folder.mkdir()
+    (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(r + "\n" for r in ratings))
+    movies = movies or ["1,Heat (1995),Action", "2,Up (2009),Comedy", "3,Big (1988),Comedy"]
+    (folder / "movies.csv").write_text("movieId,title,genres\n" + "".join(m + "\n" for m in movies))
+    return ["--set", "data.format=ml-csv", "--set", f"data.path={folder}"]
+
+
+def test_nothing_usable_after_skipping_says_how_many_lines_were_skipped(tmp_path, capsys):
+    stats = ["data", "stats", "--quiet", "--set", "data.skip_bad_lines=true", "--set", "partition.num_clients=2"]
+    every_line_bad = ml_csv(tmp_path / "ml", ["1,1,4.0,yesterday", "2,1,x,10", "1,9,4.0,11"])
+    for split in ("temporal", "per-user"):  # was: "partition kmeans: 2 clients but only 0 users ..." (per-user)
+        assert main([*stats, *every_line_bad, "--set", f"split.method={split}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert err.startswith(f"fellrec: error: {tmp_path / 'ml'}: nothing usable is left: no interaction could be "
+                              "read; 3 bad lines were skipped (data.skip_bad_lines): 3 in ")
+        assert "ratings.csv (first at line 2: column 'timestamp': 'yesterday' is not a number)" in err
+    # two good lines, the rest bad: the 5-core filter, or else the split, leaves nobody to train
+    two_good = ml_csv(tmp_path / "ml2", ["1,1,4.0,10", "1,2,4.0,10", "1,1,4.0,x", "2,1,x,12"])
+    assert main([*stats, *two_good]) == 2
+    err = capsys.readouterr().err
+    assert "nothing usable is left: 2 interactions were read, the data.kcore=5 filter kept 0; 2 bad lines were " \
+           "skipped" in err
+    assert main([*stats, *two_good, "--set", "data.kcore=0"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing usable is left: the temporal split of the 2 interactions left after filtering gives no user a " \
+           "training interaction; 2 bad lines were skipped" in err
+
+
+def test_stats_density_counts_distinct_pairs_and_shows_repeats(tmp_path, capsys):
+    # user 1 rates item 1 three times: 5 interactions, 3 distinct pairs of 2 users x 2 items
+    sets = ml_csv(tmp_path / "ml", ["1,1,4.0,10", "1,1,3.0,11", "1,2,4.0,12", "1,1,5.0,13", "2,1,4.0,14"])
+    base = ["data", "stats", "--quiet", *sets, "--set", "data.kcore=0", "--set", "partition.method=user",
+            "--set", "split.method=leave-one-out"]
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert "interactions   5  (3 distinct user-item pairs, density 75.0000%; 2 interactions repeat an earlier " \
+           "pair)" in out.splitlines()
+    assert main([*base, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert (summary["pairs"], summary["repeated_pairs"], summary["density"]) == (3, 2, 0.75)
+
+
+def test_movie_without_title_is_a_note_on_the_terminal_not_an_error(tmp_path, capsys):
+    sets = ml_csv(tmp_path / "ml", ["1,1,4.0,10", "1,2,4.0,11", "1,3,4.0,12", "2,1,4.0,13", "2,2,4.0,14"],
+                  ["1,Heat (1995),Action", "2,,Comedy", "3, ,Comedy"])
+    args = [*sets, "--set", "data.kcore=0", "--set", "partition.method=user", "--set", "split.method=leave-one-out"]
+    note = ("2 items have no title and are named by their id instead ('item 2', ...); the first is at "
+            f"{tmp_path / 'ml' / 'movies.csv'}:3")
+    assert main(["data", "stats", "--quiet", *args]) == 0
+    out, err = capsys.readouterr()
+    assert f"note           {note}" in out.splitlines() and err == ""  # once, in the summary
+    # `fellrec run` starts from the same prepare(), which prints the notes on stderr
+    from fellrec.config import load_config
+    from fellrec.pipeline import prepare
+
+    p = prepare(load_config(None, [a for a in args if a != "--set"]))
+    assert capsys.readouterr().err == f"fellrec: note: {note}\n"
+    assert p.dataset.items.title.tolist() == ["Heat (1995)", "item 2", "item 3"]
+
+
 def test_missing_dataset_path_names_the_key(capsys):
     assert main(["data", "stats", "--set", "data.format=goodreads"]) == 2
     assert "data.path: format 'goodreads' needs a path" in capsys.readouterr().err

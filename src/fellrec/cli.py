@@ -26,7 +26,7 @@ def cmd_data_stats(args) -> None:
     from fellrec.pipeline import client_table, prepare, summary
 
     cfg = _config(args)
-    prepared = prepare(cfg, progress=not args.quiet)
+    prepared = prepare(cfg, progress=not args.quiet, echo=False)  # the notes are in the summary
     info = summary(prepared)
     table = client_table(prepared)
     if args.json:
@@ -41,11 +41,16 @@ def format_summary(s: dict) -> str:
     def day(t):
         return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d") if t is not None else "-"
 
+    repeats = s.get("repeated_pairs", 0)
+    density = f"density {s['density']:.4%}"
+    if repeats:  # the density counts each (user, item) pair once
+        density = (f"{s['pairs']:,} distinct user-item pairs, {density}; {repeats:,} "
+                   f"{'interactions repeat' if repeats != 1 else 'interaction repeats'} an earlier pair")
     lines = [
         f"dataset        {s['dataset']}",
         f"users          {s['users']:,}",
         f"items          {s['items']:,}",
-        f"interactions   {s['interactions']:,}  (density {s['density']:.4%})",
+        f"interactions   {s['interactions']:,}  ({density})",
         f"per user       min {s['per_user_min']}, median {s['per_user_median']:g}, max {s['per_user_max']}",
         f"time span      {day(s['time_first'])} .. {day(s['time_last'])}",
         f"same-time      {s['same_timestamp_share']:.1%} of interactions share their timestamp with another "

@@ -2,10 +2,16 @@
 
 ``prepare(cfg)`` is what every command and, later, every run starts with; ``client_table`` and
 ``summary`` are what ``fellrec data stats`` prints.
+
+What loading had to tell (bad lines skipped, items without a title, ...) is printed to stderr as
+``fellrec: note: ...`` lines, once per load; ``fellrec data stats`` prints the same notes in its
+summary instead. When skipped lines, filters or the split leave nothing to train on,
+the error says so, with how many lines were skipped, before any later step fails for lack of users.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +21,7 @@ from fellrec.config import Config, DataConfig
 from fellrec.data.io import BadLines
 from fellrec.data.registry import load_dataset
 from fellrec.data.tables import Dataset, concat_domains
+from fellrec.errors import DataError
 from fellrec.partition import Partition, make_partition
 from fellrec.split import SampleSets, Split, build_samples, filter_min_rating, kcore, split
 
@@ -36,22 +43,66 @@ class Prepared:
         return self.partition.client_of_user[np.asarray(user, dtype=np.int64)]
 
 
-def load_data(cfg: DataConfig) -> Dataset:
-    """The dataset (or datasets, one domain each) the config names, before any filtering."""
-    bad = BadLines(skip=cfg.skip_bad_lines)
+def load_data(cfg: DataConfig, echo: bool = True) -> Dataset:
+    """The dataset (or datasets, one domain each) the config names, before any filtering.
+
+    With ``echo`` the Dataset's notes are printed to stderr. A dataset without a single interaction
+    (every line skipped as bad, or an empty file) is a DataError that says what was skipped.
+    """
     if not cfg.domains:
-        return load_dataset(cfg.format, cfg.path, meta=cfg.meta, bad=bad)
-    parts = {}
-    for d in cfg.domains:
-        parts[d.name] = load_dataset(d.format, d.path, meta=d.meta, bad=BadLines(skip=cfg.skip_bad_lines))
-    return concat_domains(parts)
+        ds = load_dataset(cfg.format, cfg.path, meta=cfg.meta, bad=BadLines(skip=cfg.skip_bad_lines))
+    else:
+        parts = {}
+        for d in cfg.domains:
+            parts[d.name] = load_dataset(d.format, d.path, meta=d.meta, bad=BadLines(skip=cfg.skip_bad_lines))
+        ds = concat_domains(parts)
+    if len(ds.interactions) == 0:
+        raise nothing_usable(cfg, ds, "no interaction could be read")
+    if echo:
+        print_notes(ds.notes)
+    return ds
 
 
-def prepare(cfg: Config, progress: bool = False) -> Prepared:
-    ds = load_data(cfg.data)
-    ds = filter_min_rating(ds, cfg.data.min_rating)
-    ds = kcore(ds, cfg.data.kcore)
+def print_notes(notes: list[str]) -> None:
+    """Notes on the data (``Dataset.notes``), one ``fellrec: note:`` line each on stderr."""
+    for note in notes:
+        print(f"fellrec: note: {note}", file=sys.stderr, flush=True)
+
+
+def nothing_usable(cfg: DataConfig, ds: Dataset, why: str) -> DataError:
+    """The error for data that left nothing to train on: ``why``, and the bad lines skipped on the way."""
+    problem = f"nothing usable is left: {why}"
+    if ds.num_skipped:
+        files = "; ".join(f"{n:,} in {path} (first at {first})" for path, (n, first) in ds.skipped.items())
+        problem += (f"; {ds.num_skipped:,} bad line{'s were' if ds.num_skipped != 1 else ' was'} skipped "
+                    f"(data.skip_bad_lines): {files}")
+    return DataError(cfg.path if cfg.path and not cfg.domains else ds.name, None, problem)
+
+
+def prepare(cfg: Config, progress: bool = False, echo: bool = True) -> Prepared:
+    """Load, filter, split, build samples and partition.
+
+    With ``echo`` the loading notes are printed to stderr at the end, once the data has given clients
+    (an error on the way already says what it needs to, such as the skipped lines).
+    """
+    d = cfg.data
+    ds = load_data(d, echo=False)
+    loading_notes = list(ds.notes)
+    read = len(ds.interactions)
+    ds = filter_min_rating(ds, d.min_rating)
+    rated = len(ds.interactions)
+    ds = kcore(ds, d.kcore)
+    if len(ds.interactions) == 0:
+        steps = [f"{read:,} interaction{'s were' if read != 1 else ' was'} read"]
+        if d.min_rating is not None:
+            steps.append(f"data.min_rating={d.min_rating:g} kept {rated:,}")
+        if rated:
+            steps.append(f"the data.kcore={d.kcore} filter kept 0")
+        raise nothing_usable(d, ds, ", ".join(steps))
     sp = split(ds, cfg.split.method, tuple(cfg.split.ratios))
+    if len(sp.train) == 0:
+        raise nothing_usable(d, ds, f"the {cfg.split.method} split of the {len(ds.interactions):,} interactions "
+                             "left after filtering gives no user a training interaction")
     samples = build_samples(sp, cfg.split.history_len)
     p = cfg.partition
     options = {
@@ -63,6 +114,8 @@ def prepare(cfg: Config, progress: bool = False) -> Prepared:
     }.get(p.method, {})
     partition = make_partition(p.method, ds, sp.train, num_clients=p.num_clients,
                                seed=cfg.seed if p.seed is None else p.seed, **options)
+    if echo:
+        print_notes(loading_notes)
     return Prepared(cfg, ds, sp, samples, partition)
 
 

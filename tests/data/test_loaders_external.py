@@ -108,7 +108,7 @@ def test_amazon2018_loads_reviews_and_meta(tmp_path):
     # time order, and the two reviews of A1 with the same second keep the file order (B0001, B0002)
     assert rows(ds) == [("A2", "B0001", 1300000000.0, 4.0), ("A1", "B0001", 1445040000.0, 5.0),
                         ("A1", "B0002", 1445040000.0, 3.0), ("A3", "B0002", 1500000000.0, 1.0)]
-    assert titles(ds) == {"B0001": "Halo & Friends", "B0002": ""}  # entities decoded; no title -> ""
+    assert titles(ds) == {"B0001": "Halo & Friends", "B0002": "item B0002"}  # entities decoded; no title: id
     first = item_row(ds, "B0001")
     assert first["brand"] == "Micro & Soft"
     assert first["categories"] == ("Video Games", "PC", "Games")
@@ -228,12 +228,39 @@ def test_amazon2023_loads_parent_asins_and_converts_milliseconds(tmp_path, gz):
     assert (ds.num_users, ds.num_items, len(ds.interactions)) == (2, 2, 3)
     assert rows(ds) == [("U2", "P1", 1588687728.0, 1.0), ("U1", "P1", pytest.approx(1588687728.923), 5.0),
                         ("U1", "P2", pytest.approx(1588687728.923), 4.0)]
-    assert titles(ds) == {"P1": "Face Cream", "P2": ""}
+    assert titles(ds) == {"P1": "Face Cream", "P2": "item P2"}
     p1, p2 = item_row(ds, "P1"), item_row(ds, "P2")
     assert p1["main_category"] == "All Beauty" and p1["store"] == "Acme"
     assert p1["categories"] == ("Beauty", "Skin Care") and p1["price"] == 9.5
     assert p1["details"] == {"Brand": "Acme"}
     assert math.isnan(p2["price"]) and p2["details"] == {} and p2["store"] == ""
+
+
+def only_title_note(ds) -> str:
+    """The one note about items without a title (there must be exactly one)."""
+    (note,) = [n for n in ds.notes if "no title" in n]
+    return note
+
+
+def test_amazon2018_items_without_title_are_kept_named_by_id_and_counted_once(tmp_path):
+    reviews = [review18("A1", "B0001", 5.0, 10), review18("A2", "B0002", 4.0, 20), review18("A3", "B0003", 3.0, 30),
+               review18("A4", "B0004", 2.0, 40)]
+    meta = [meta18("B0001", "One"), meta18("B0009", None),  # never reviewed: not counted
+            meta18("B0003", "   "), meta18("B0002", None), meta18("B0004", "Four")]
+    path = amazon18_files(tmp_path, reviews, meta)
+    ds = load_amazon2018(path, bad=BadLines())
+    assert ds.num_items == 4 and len(ds.interactions) == 4
+    assert titles(ds) == {"B0001": "One", "B0002": "item B0002", "B0003": "item B0003", "B0004": "Four"}
+    meta_file = tmp_path / "meta_Video_Games.json.gz"
+    assert only_title_note(ds) == ("2 items have no title and are named by their id instead ('item B0003', ...); "
+                                   f"the first is at {meta_file}:3")
+
+
+def test_amazon2023_item_without_title(tmp_path):
+    ds = load_amazon2023(amazon23_files(tmp_path, gz=False), bad=BadLines())
+    assert titles(ds)["P2"] == "item P2"
+    assert only_title_note(ds) == ("1 item has no title and is named by its id instead ('item P2'); it is at "
+                                   f"{tmp_path / 'meta_All_Beauty.jsonl'}:2")
 
 
 def test_amazon2023_bad_timestamp_and_unknown_item(tmp_path):
@@ -314,6 +341,20 @@ def test_goodreads_loads_every_shelved_book(tmp_path):
     assert watchmen["authors"] == ("18540", "21578")
     assert watchmen["publication_year"] == "1982"
     assert watchmen["shelves"] == tuple(f"shelf-{i}" for i in range(10))
+
+
+def test_goodreads_books_without_title_are_kept_named_by_id(tmp_path):
+    path = goodreads_files(tmp_path, [interaction("u1", "100", 5, WATCHMEN_ADDED),
+                                      interaction("u2", "200", 4, WATCHMEN_ADDED),
+                                      interaction("u2", "300", 3, WATCHMEN_ADDED)])
+    untitled = {k: v for k, v in book("300", "").items() if k != "title"}  # no title key at all
+    write_json(tmp_path / "goodreads_books_comics_graphic.json.gz",
+               [book("100", "Watchmen"), book("200", " "), untitled])
+    ds = load_goodreads(path, bad=BadLines())
+    assert titles(ds) == {"100": "Watchmen", "200": "item 200", "300": "item 300"}
+    books = tmp_path / "goodreads_books_comics_graphic.json.gz"
+    assert only_title_note(ds) == ("2 items have no title and are named by their id instead ('item 200', ...); "
+                                   f"the first is at {books}:2")
 
 
 @pytest.mark.parametrize(
@@ -397,8 +438,17 @@ def test_microlens_100k_headerless_titles_with_bare_commas(tmp_path):
     path = write_lines(tmp_path / "MicroLens-100k_pairs.csv", pairs)
     ds = load_microlens(path, bad=BadLines())
     assert ds.name == "microlens-100k"
-    assert titles(ds) == {1: "A title, with a comma", 2: "", 3: "quoted, title"}
+    assert titles(ds) == {1: "A title, with a comma", 2: "item 2", 3: "quoted, title"}
     assert [t for _, _, t, _ in rows(ds)] == [1.0, 2.0, 3.0]
+
+
+def test_microlens_item_without_title_is_kept_named_by_id(tmp_path):
+    write_lines(tmp_path / "MicroLens-50k_titles.csv", ["item,title", "10,Ten", "11,", '12,""'])
+    path = write_lines(tmp_path / "MicroLens-50k_pairs.csv", [PAIRS_HEADER, "1,10,1000", "1,11,2000", "2,12,3000"])
+    ds = load_microlens(path, bad=BadLines())
+    assert titles(ds) == {10: "Ten", 11: "item 11", 12: "item 12"}
+    assert only_title_note(ds) == ("2 items have no title and are named by their id instead ('item 11', ...); "
+                                   f"the first is at {tmp_path / 'MicroLens-50k_titles.csv'}:3")
 
 
 def test_microlens_titles_given_as_meta(tmp_path):
@@ -521,7 +571,9 @@ def test_kuairand_pure_logs_users_and_video_features(tmp_path):
     # standard logs first, then the random log: the tie at 1650600000000 keeps that order
     assert rows(ds) == [(2, 101, 1649408076.0, 0.0), (1, 100, 1649408076.86, 1.0),
                         (1, 101, 1650600000.0, 0.0), (1, 102, 1650600000.0, 1.0)]
-    assert set(ds.items["title"]) == {""}
+    assert titles(ds) == {100: "item 100", 101: "item 101", 102: "item 102"}  # videos have no titles
+    assert [n for n in ds.notes if "title" in n] == [
+        "the items have no titles in this format; all 3 are named by their id instead ('item 100', ...)"]
     v100, v101, v102 = item_row(ds, 100), item_row(ds, 101), item_row(ds, 102)
     assert v100["tag"] == "12,65" and v100["author_id"] == 441 and v100["video_type"] == "NORMAL"
     assert v100["show_cnt"] == 75.212 and v101["show_cnt"] == 3.0 and v100["outsite_share_all_cnt"] == 0.5

@@ -5,6 +5,7 @@ import gzip
 import pytest
 
 from fellrec.data.io import BadLines
+from fellrec.data.movielens import load_recbole_ml100k
 from fellrec.data.registry import load_dataset
 from fellrec.errors import ConfigError, DataError
 
@@ -128,6 +129,66 @@ def test_ml_csv_missing_column(tmp_path):
     (d / "movies.csv").write_text("movieId,title,genres\n1,Toy Story (1995),Comedy\n")
     with pytest.raises(DataError, match=r"ratings\.csv:1: missing column\(s\) 'timestamp'"):
         load_dataset("ml-csv", d)
+
+
+def title_notes(ds) -> list[str]:
+    return [n for n in ds.notes if "no title" in n]
+
+
+def test_ml_csv_movie_without_title_is_kept_named_by_id(tmp_path):
+    """An empty title is a data-quality fact, not a broken file: the movie stays, named by its id, and
+    one note counts such movies and names the first one's line."""
+    d = tmp_path / "ml-latest-small"
+    d.mkdir()
+    (d / "movies.csv").write_text("movieId,title,genres\n1,Toy Story (1995),Comedy\n9,,Drama\n"
+                                  '3,"  ",Comedy\n4,,Drama\n')  # 4: never rated, so not counted
+    (d / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,10\n1,3,4.5,11\n2,9,3.0,12\n"
+                                   "2,1,1.0,bad\n")
+    bad = BadLines(skip=True)  # a later real defect is still found
+    ds = load_dataset("ml-csv", d, bad=bad)
+    assert bad.total == 1 and len(ds.interactions) == 3
+    titles = dict(zip(ds.items.item_id, ds.items.title, strict=True))
+    assert titles == {1: "Toy Story (1995)", 3: "item 3", 9: "item 9"}
+    assert title_notes(ds) == ["2 items have no title and are named by their id instead ('item 9', ...); the "
+                               f"first is at {d / 'movies.csv'}:3"]
+    with pytest.raises(DataError, match=r"ratings\.csv:5: column 'timestamp': 'bad' is not a number"):
+        load_dataset("ml-csv", d)
+
+
+def test_ml100k_and_ml1m_movie_without_title(ml100k_dir, tmp_path):
+    items = (ml100k_dir / "u.item").read_bytes().decode("latin-1").splitlines()
+    items[1] = u_item_line(2, "", "01-Jan-1995", [1])
+    (ml100k_dir / "u.item").write_bytes(("\n".join(items) + "\n").encode("latin-1"))
+    ds = load_dataset("ml-100k", ml100k_dir)
+    assert ds.items.set_index("item_id").loc[2, "title"] == "item 2"
+    assert title_notes(ds) == ["1 item has no title and is named by its id instead ('item 2'); it is at "
+                               f"{ml100k_dir / 'u.item'}:2"]
+
+    d = tmp_path / "ml-1m"
+    d.mkdir()
+    (d / "ratings.dat").write_text("1::1193::5::978300760\n1::661::3::978302109\n")
+    (d / "movies.dat").write_text("1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n661::::Animation\n")
+    (d / "users.dat").write_text("1::F::1::10::48067\n")
+    ds = load_dataset("ml-1m", d)
+    items = ds.items.set_index("item_id")
+    assert items.loc[661, "title"] == "item 661" and items.loc[661, "genres"] == ("Animation",)
+    assert title_notes(ds) == ["1 item has no title and is named by its id instead ('item 661'); it is at "
+                               f"{d / 'movies.dat'}:2"]
+
+
+def test_recbole_layout_movie_without_title(tmp_path):
+    d = tmp_path / "ml-100k"
+    d.mkdir()
+    (d / "ml-100k.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                                     "1\t5\t3\t10\n1\t6\t4\t11\n")
+    (d / "ml-100k.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+                                    "5\tHeat\t1995\tAction\n6\t\t1996\tDrama\n")
+    (d / "ml-100k.user").write_text("user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
+                                    "1\t30\tF\twriter\t00000\n")
+    ds = load_recbole_ml100k(d, bad=BadLines())
+    assert dict(zip(ds.items.item_id, ds.items.title, strict=True)) == {5: "Heat (1995)", 6: "item 6"}
+    assert title_notes(ds) == ["1 item has no title and is named by its id instead ('item 6'); it is at "
+                               f"{d / 'ml-100k.item'}:3"]
 
 
 def test_unknown_format_and_missing_path():

@@ -52,3 +52,34 @@ def test_concat_domains_keeps_same_ids_apart():
     # every interaction's user and item belong to its own domain
     assert (ds.users.domain.to_numpy()[inter.user] == inter.domain.to_numpy()).all()
     assert (ds.items.domain.to_numpy()[inter.item] == inter.domain.to_numpy()).all()
+
+
+def test_density_counts_distinct_pairs_and_reports_repeats():
+    # user a saw item 1 three times and item 2 once; b saw item 1 twice: 3 distinct pairs of 2 x 2
+    ds = make(["a", "a", "a", "a", "b", "b"], [1, 1, 2, 1, 1, 1], [1, 2, 3, 4, 5, 6])
+    s = ds.summary()
+    assert s["interactions"] == 6 and s["pairs"] == 3 and s["repeated_pairs"] == 3
+    assert s["density"] == 3 / 4  # was 6 / 4 = 150%
+    assert make(["a", "b"], [1, 2], [1, 2]).summary()["repeated_pairs"] == 0
+
+
+def test_items_without_title_get_their_id_and_one_note():
+    inter = pd.DataFrame({"user_id": [1, 1, 1], "item_id": [2, 3, 4], "timestamp": [0.0, 1.0, 2.0]})
+    items = pd.DataFrame({"item_id": [5, 4, 3, 2], "title": ["", None, " ", "Two"], "_line": [2, 3, 4, 5]})
+    ds = Dataset.from_raw("d", inter, items, item_source="items.csv")
+    assert ds.items.title.tolist() == ["Two", "item 3", "item 4"]  # item 5 is never seen: dropped, not counted
+    assert ds.notes == ["2 items have no title and are named by their id instead ('item 4', ...); the first is "
+                        "at items.csv:3"]
+    # a format without titles at all: every item named by its id, said once
+    bare = Dataset.from_raw("d", inter, items.drop(columns=["title", "_line"]))
+    assert bare.items.title.tolist() == ["item 2", "item 3", "item 4"]
+    assert bare.notes == ["the items have no titles in this format; all 3 are named by their id instead "
+                          "('item 4', ...)"]  # the file's first
+    assert list(bare.items.columns) == ["item", "item_id", "title"]
+
+
+def test_skipped_lines_survive_filtering_and_domains():
+    ds = make(["a", "b"], [1, 2], [1, 2])
+    ds.skipped["r.csv"] = (3, "line 2: bad")
+    assert ds.subset(ds.interactions.user == 0).num_skipped == 3
+    assert concat_domains({"x": ds, "y": make(["c"], [1], [1])}).skipped == {"r.csv": (3, "line 2: bad")}

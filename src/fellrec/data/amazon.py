@@ -31,7 +31,8 @@ What a user should know:
 - The meta file is found beside the reviews file (``Video_Games_5.json.gz`` ->
   ``meta_Video_Games.json.gz``, gzipped or not) unless ``data.meta`` names it.
 - Titles and brands keep their text, with HTML entities decoded ("&amp;" -> "&"), which the 2018
-  meta files are full of. An item whose meta has no title gets the title "".
+  meta files are full of. An item whose meta has no title (null, absent or blank) is kept and named
+  by its id ("item B0002"); a note on the Dataset counts such items and names the first one's line.
 - A review of an item that the meta file lacks is a bad line ("unknown item"). The real files do
   have some of these (the lab notes that some items lack metadata), so a full category usually
   needs the skip-bad-lines mode, which drops and counts them.
@@ -68,7 +69,7 @@ def load_amazon2018(path: Path, *, meta: Path | None = None, bad: BadLines | Non
     inter = _read_reviews(path, _KEYS_2018, units_per_second=1.0, bad=bad)
     items = _read_meta(meta, "asin", set(inter["item_id"]), _attributes_2018, bad)
     inter = io.drop_unknown(inter, "item_id", items["item_id"], path, bad)
-    return Dataset.from_raw(f"amazon2018-{category}", inter, items, None, source=str(path))
+    return Dataset.from_raw(f"amazon2018-{category}", inter, items, None, source=str(path), item_source=str(meta))
 
 
 def load_amazon2023(path: Path, *, meta: Path | None = None, bad: BadLines | None = None) -> Dataset:
@@ -80,7 +81,7 @@ def load_amazon2023(path: Path, *, meta: Path | None = None, bad: BadLines | Non
     inter = _read_reviews(path, _KEYS_2023, units_per_second=1000.0, bad=bad)
     items = _read_meta(meta, "parent_asin", set(inter["item_id"]), _attributes_2023, bad)
     inter = io.drop_unknown(inter, "item_id", items["item_id"], path, bad)
-    return Dataset.from_raw(f"amazon2023-{category}", inter, items, None, source=str(path))
+    return Dataset.from_raw(f"amazon2023-{category}", inter, items, None, source=str(path), item_source=str(meta))
 
 
 def _category(path: Path) -> str:
@@ -152,7 +153,7 @@ def _number(value: Any, key: str, path: Path, lineno: int, bad: BadLines) -> flo
 
 def _read_meta(path: Path, key: str, wanted: set[str], attributes: Callable[[dict], dict[str, Any]],
                bad: BadLines) -> pd.DataFrame:
-    """item_id, title and attributes of the items in ``wanted`` (first line per item wins).
+    """item_id, title, attributes and _line of the items in ``wanted`` (first line per item wins).
 
     Every line is still parsed, so a malformed line is reported even for an item no review names.
     """
@@ -163,8 +164,8 @@ def _read_meta(path: Path, key: str, wanted: set[str], attributes: Callable[[dic
             continue
         item = str(item)
         if item in wanted and item not in rows:
-            rows[item] = {"item_id": item, "title": _text(obj.get("title")), **attributes(obj)}
-    columns = ["item_id", "title", *attributes({})]
+            rows[item] = {"item_id": item, "title": _text(obj.get("title")), **attributes(obj), "_line": lineno}
+    columns = ["item_id", "title", *attributes({}), "_line"]
     return pd.DataFrame(list(rows.values()), columns=columns)
 
 

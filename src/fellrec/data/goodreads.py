@@ -23,7 +23,9 @@ Decisions:
 - The timestamp is ``date_added`` (when the book was shelved, which every row has), converted to
   Unix seconds with its UTC offset. An empty or unparseable ``date_added`` is a bad line.
 - Items keep ``title`` and the attributes ``authors`` (tuple of author ids), ``publication_year``
-  (text as given) and ``shelves`` (the names of the book's ten most used shelves).
+  (text as given) and ``shelves`` (the names of the book's ten most used shelves). A book with no
+  title (null, absent or blank) is kept and named by its id ("item 123"); a note on the Dataset
+  counts such books and names the first one's line in the books file.
 - A row whose ``book_id`` the books file lacks is a bad line ("unknown item").
 - Rows keep the file order; ties in time are broken by it downstream.
 """
@@ -59,7 +61,7 @@ def load_goodreads(path: Path, *, meta: Path | None = None, bad: BadLines | None
     inter = _read_interactions(path, bad)
     items = _read_books(meta, set(inter["item_id"]), bad)
     inter = io.drop_unknown(inter, "item_id", items["item_id"], path, bad)
-    return Dataset.from_raw(f"goodreads-{genre}", inter, items, None, source=str(path))
+    return Dataset.from_raw(f"goodreads-{genre}", inter, items, None, source=str(path), item_source=str(meta))
 
 
 def parse_date(text: Any) -> float | None:
@@ -157,7 +159,7 @@ def _read_interactions(path: Path, bad: BadLines) -> pd.DataFrame:
 
 
 def _read_books(path: Path, wanted: set[str], bad: BadLines) -> pd.DataFrame:
-    """item_id, title, authors, publication_year, shelves of the books in ``wanted`` (first line wins)."""
+    """item_id, title, authors, publication_year, shelves, _line of the books in ``wanted`` (first line wins)."""
     rows: dict[str, dict[str, Any]] = {}
     for lineno, obj in io.iter_json(path, bad):
         book = io.require(obj, "book_id", path, lineno, bad)
@@ -171,8 +173,9 @@ def _read_books(path: Path, wanted: set[str], bad: BadLines) -> pd.DataFrame:
                 "authors": _names(obj.get("authors"), "author_id"),
                 "publication_year": _text(obj.get("publication_year")),
                 "shelves": _names(obj.get("popular_shelves"), "name")[:_TOP_SHELVES],
+                "_line": lineno,
             }
-    columns = ["item_id", "title", "authors", "publication_year", "shelves"]
+    columns = ["item_id", "title", "authors", "publication_year", "shelves", "_line"]
     return pd.DataFrame(list(rows.values()), columns=columns)
 
 

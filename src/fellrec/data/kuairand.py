@@ -29,7 +29,8 @@ Decisions:
   exposed negatives); the timestamp is ``time_ms / 1000``.
 - Users are ``user_features`` with every column as an attribute; items are the basic video
   features left-joined with the statistic features on ``video_id``, every column kept (FedPA reads
-  them), and the title "" (videos have no titles). Feature columns keep the types pandas reads
+  them). Videos have no titles: each is named by its id ("item 100"), and a note on the Dataset says
+  so once (see ``Dataset.from_raw``). Feature columns keep the types pandas reads
   (numbers as numbers, the rest as text; empty fields are missing values).
 - A log row whose video or user is missing from the feature files is a bad line ("unknown item",
   "unknown user").
@@ -116,14 +117,12 @@ def _files(folder: Path, stem: str) -> list[Path]:
 
 
 def _items(folder: Path, version: str, bad: BadLines) -> pd.DataFrame:
-    """Basic video features left-joined with the statistic ones; ``video_id`` -> ``item_id``, title ""."""
+    """Basic video features left-joined with the statistic ones; ``video_id`` -> ``item_id``, no title."""
     basic = _read_tables(_files(folder, f"video_features_basic_{version}"), "video_id", bad)
     stats = _read_tables(_files(folder, f"video_features_statistic_{version}"), "video_id", bad)
     stats = stats.drop_duplicates("video_id", keep="first")
     items = basic.merge(stats, on="video_id", how="left", sort=False, suffixes=("", "_statistic"))
-    items = items.rename(columns={"video_id": "item_id"})
-    items.insert(1, "title", "")
-    return items
+    return items.rename(columns={"video_id": "item_id"})
 
 
 def _read_log(path: Path, videos: pd.Series, users: pd.Series, bad: BadLines) -> pd.DataFrame:

@@ -19,8 +19,9 @@ verify; a pairs CSV with the same header and millisecond timestamps loads the sa
 titles file given as ``data.meta``.
 
 Decisions: every row of the pairs file is an interaction (implicit feedback, rating 1.0); the
-items table has only the title (empty where the file gives none); a pair whose item is not in the
-titles file is a bad line ("unknown item"). Rows keep the file order; ties in time are broken by
+items table has only the title; an item whose title is empty is kept and named by its id ("item
+2"), and a note on the Dataset counts such items and names the first one's line; a pair whose item
+is not in the titles file is a bad line ("unknown item"). Rows keep the file order; ties in time are broken by
 it downstream.
 """
 
@@ -61,7 +62,7 @@ def load_microlens(path: Path, *, meta: Path | None = None, bad: BadLines | None
     })
     inter = io.drop_unknown(inter, "item_id", items["item_id"], path, bad)
     name = release.lower() if release.lower().startswith("microlens") else f"microlens-{release.lower()}"
-    return Dataset.from_raw(name, inter, items, None, source=str(path))
+    return Dataset.from_raw(name, inter, items, None, source=str(path), item_source=str(titles_file))
 
 
 def _pairs_header(path: Path) -> tuple[str, str, str]:

@@ -53,4 +53,5 @@ def load_dataset(fmt: str, path: str | Path | None, *, meta: str | Path | None =
     ds = loader(None if path is None else Path(path).expanduser(),
                 meta=None if meta is None else Path(meta).expanduser(), bad=bad)
     ds.notes.extend(bad.summary())
+    ds.skipped.update({path: (n, bad.examples[path]) for path, n in bad.counts.items()})
     return ds

@@ -7,7 +7,9 @@ Three tables, with dense integer ids inside and the dataset's own ids kept for o
   the order of the source file (a stable sort), so a user's sequence is reproducible even where
   half of the timestamps are shared (MovieLens-100K).
 - ``items``: ``item`` (dense, equal to the row position), ``item_id`` (original), ``title`` (str),
-  then the source's item attributes (genres, year, brand, categories, ...).
+  then the source's item attributes (genres, year, brand, categories, ...). An item whose source
+  gives no title (empty, blank or absent) keeps a fallback made from its id, ``"item <item_id>"``,
+  and a note on the Dataset says how many items had none and where the first one is.
 - ``users``: ``user`` (dense, equal to the row position), ``user_id`` (original), then the user
   attributes the source has (age, gender, occupation, ...).
 
@@ -32,7 +34,14 @@ class Dataset:
     items: pd.DataFrame
     users: pd.DataFrame
     notes: list[str] = field(default_factory=list)
-    """What loading did that the user should know (skipped lines, dropped rows)."""
+    """What loading did that the user should know (skipped lines, dropped rows, missing titles)."""
+    skipped: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """Bad lines skipped while loading (``data.skip_bad_lines``): file -> (count, first problem)."""
+
+    @property
+    def num_skipped(self) -> int:
+        """How many bad input lines loading skipped, over all files."""
+        return sum(n for n, _ in self.skipped.values())
 
     @property
     def num_users(self) -> int:
@@ -50,6 +59,7 @@ class Dataset:
         items: pd.DataFrame,
         users: pd.DataFrame | None = None,
         source: str = "",
+        item_source: str = "",
     ) -> Dataset:
         """Build a Dataset from a loader's tables keyed by the source's own ids.
 
@@ -58,6 +68,10 @@ class Dataset:
         ``user_id`` and attribute columns (None: users are known only by their interactions).
         Items and users that no interaction mentions are dropped. Dense ids follow the sorted
         original ids, so they do not depend on file order.
+
+        ``source`` (the interactions file) and ``item_source`` (the item file) name where a problem
+        is; an item without a title gets ``"item <item_id>"``, and one note counts such items and
+        names the first one's ``item_source`` line (from ``items['_line']`` when the loader has it).
         """
         inter = interactions.drop(columns=[c for c in ("_line",) if c in interactions]).copy()
         if "rating" not in inter:
@@ -70,7 +84,6 @@ class Dataset:
         tables = {}
         for what, table in (("item", items), ("user", users)):
             key = f"{what}_id"
-            table = table.drop(columns=[c for c in ("_line",) if c in table])
             table = table.drop_duplicates(key, keep="first")
             unknown = ~inter[key].isin(table[key])
             if unknown.any():
@@ -78,13 +91,13 @@ class Dataset:
                                 f"{int(unknown.sum())} interaction(s) with an unknown {what}, e.g. "
                                 f"{inter.loc[unknown, key].tolist()[0]!r}")
             tables[what] = table
-        items, users = tables["item"], tables["user"]
-        if "title" not in items:
-            items = items.assign(title="")
-        return cls._densify(name, inter, items, users)
+        items, notes = _fill_titles(tables["item"], inter["item_id"], item_source)
+        items = items.drop(columns=[c for c in ("_line",) if c in items])
+        users = tables["user"].drop(columns=[c for c in ("_line",) if c in tables["user"]])
+        return cls._densify(name, inter, items, users, notes)
 
     @classmethod
-    def _densify(cls, name, inter, items, users, notes=None) -> Dataset:
+    def _densify(cls, name, inter, items, users, notes=None, skipped=None) -> Dataset:
         """Keep only users/items that have interactions; number them 0..n-1 by original id."""
         keys_u = ["domain", "user_id"] if "domain" in inter else ["user_id"]
         keys_i = ["domain", "item_id"] if "domain" in inter else ["item_id"]
@@ -98,7 +111,7 @@ class Dataset:
         inter = inter[cols].astype({"user": np.int64, "item": np.int64, "timestamp": np.float64,
                                     "rating": np.float64})
         inter = inter.sort_values("timestamp", kind="stable").reset_index(drop=True)
-        return cls(name, inter, items, users, list(notes or []))
+        return cls(name, inter, items, users, list(notes or []), dict(skipped or {}))
 
     def subset(self, keep: np.ndarray | pd.Series, note: str | None = None) -> Dataset:
         """A new Dataset with only the interactions where ``keep`` is true, ids made dense again."""
@@ -109,19 +122,27 @@ class Dataset:
         inter = inter.drop(columns=["user", "item"])
         notes = [*self.notes, *([note] if note else [])]
         return Dataset._densify(self.name, inter, self.items.drop(columns="item"),
-                                self.users.drop(columns="user"), notes)
+                                self.users.drop(columns="user"), notes, self.skipped)
 
     def summary(self) -> dict:
-        """Sizes, density, time span and the share of same-user timestamp ties."""
+        """Sizes, density, time span and the share of same-user timestamp ties.
+
+        ``density`` is the share of the user x item matrix that has at least one interaction: it counts
+        distinct (user, item) ``pairs``, so a pair seen several times (a re-rating, a video watched
+        again) counts once; ``repeated_pairs`` is how many interactions repeat an earlier pair.
+        """
         inter = self.interactions
         n = len(inter)
         per_user = inter.groupby("user").size()
         ties = inter.duplicated(["user", "timestamp"], keep=False).mean() if n else 0.0
+        pairs = int((~inter.duplicated(["user", "item"])).sum()) if n else 0
         return {
             "users": self.num_users,
             "items": self.num_items,
             "interactions": n,
-            "density": n / max(1, self.num_users * self.num_items),
+            "pairs": pairs,
+            "repeated_pairs": n - pairs,
+            "density": pairs / max(1, self.num_users * self.num_items),
             "per_user_min": int(per_user.min()) if n else 0,
             "per_user_median": float(per_user.median()) if n else 0.0,
             "per_user_max": int(per_user.max()) if n else 0,
@@ -129,6 +150,47 @@ class Dataset:
             "time_last": float(inter["timestamp"].max()) if n else None,
             "same_timestamp_share": float(ties),
         }
+
+
+def fallback_title(item_id) -> str:
+    """The text that stands for the title of an item whose source gives none."""
+    return f"item {item_id}"
+
+
+def _fill_titles(items: pd.DataFrame, used: pd.Series, source: str) -> tuple[pd.DataFrame, list[str]]:
+    """``items`` with every missing title replaced by ``fallback_title``, and the note that says so.
+
+    The note counts only the items some interaction in ``used`` mentions (the others are dropped)
+    and names the first of them: its line of ``source`` where ``items`` has ``_line``.
+    """
+    fallback = items["item_id"].map(fallback_title)
+    used_rows = items["item_id"].isin(used).to_numpy()
+    if "title" not in items:
+        items = items.copy()
+        items.insert(items.columns.get_loc("item_id") + 1, "title", fallback)
+        n = int(used_rows.sum())
+        example = fallback[used_rows].iloc[0] if n else ""
+        return items, ([f"the items have no titles in this format; all {n} are named by their id instead "
+                        f"({example!r}, ...)"] if n else [])
+    title = items["title"]
+    missing = (title.isna() | title.astype(str).str.strip().eq("")).to_numpy()
+    if not missing.any():
+        return items, []
+    items = items.copy()
+    items["title"] = title.where(~missing, fallback)
+    gap = items.loc[missing & used_rows]
+    if gap.empty:
+        return items, []
+    if "_line" in gap:
+        gap = gap.sort_values("_line", kind="stable")
+        where = f"{source or 'the item file'}:{int(gap['_line'].iloc[0])}"
+    else:
+        where = f"{source}, item {gap['item_id'].iloc[0]!r}" if source else f"item {gap['item_id'].iloc[0]!r}"
+    example = fallback_title(gap["item_id"].iloc[0])
+    if len(gap) == 1:
+        return items, [f"1 item has no title and is named by its id instead ({example!r}); it is at {where}"]
+    return items, [f"{len(gap)} items have no title and are named by their id instead ({example!r}, ...); "
+                   f"the first is at {where}"]
 
 
 def _restrict(table: pd.DataFrame, inter: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -155,6 +217,7 @@ def concat_domains(datasets: dict[str, Dataset]) -> Dataset:
         items.append(ds.items.drop(columns="item").assign(domain=domain, item_id=item_ids))
         users.append(ds.users.drop(columns="user").assign(domain=domain, user_id=user_ids))
     notes = [f"{d}: {n}" for d, ds in datasets.items() for n in ds.notes]
+    skipped = {path: counts for ds in datasets.values() for path, counts in ds.skipped.items()}
     name = "+".join(datasets)
     return Dataset._densify(name, pd.concat(inters, ignore_index=True), pd.concat(items, ignore_index=True),
-                            pd.concat(users, ignore_index=True), notes)
+                            pd.concat(users, ignore_index=True), notes, skipped)
