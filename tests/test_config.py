@@ -1,5 +1,6 @@
 """Config loading: defaults, overrides, and errors that name the key, the file and the line."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,35 @@ def test_cross_key_checks():
         load_config(None, ["partition.method=attribute"])
     with pytest.raises(ConfigError, match=r"split.ratios: expected three non-negative shares"):
         load_config(None, ["split.ratios=[0.5, 0.5]"])
+
+
+def test_a_bad_value_names_its_one_key_its_value_and_where_it_came_from(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: x\ntrain:\n  lr: 0.001\n  local_epochs: -0.5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    assert str(err.value) == f"{f}:4: train.local_epochs: must not be negative, got -0.5"
+    with pytest.raises(ConfigError) as err:  # the file's train section is fine; --set gave the bad value
+        load_config(f, ["train.local_epochs=1", "train.rounds=-1"])
+    assert str(err.value) == "--set train.rounds: train.rounds: must not be negative, got -1"
+    with pytest.raises(ConfigError) as err:
+        load_config(f, ["train.local_epochs=0", "fellrec.beta=0"])
+    assert str(err.value) == "--set fellrec.beta: fellrec.beta: must be positive, got 0.0"
+    with pytest.raises(ConfigError) as err:  # two problems: each with its own key and place
+        load_config(f, ["fellrec.tau=-1"])
+    assert str(err.value) == (f"{f}:4: train.local_epochs: must not be negative, got -0.5; "
+                              "--set fellrec.tau: fellrec.tau: must be positive, got -1.0")
+
+
+def test_cross_key_problem_points_at_the_key_that_was_set(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 1\npartition:\n  num_clients: 3\n  method: attribute\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(f))}:4: partition\.attribute: method=attribute needs"):
+        load_config(f)
+    with pytest.raises(ConfigError, match=r"^--set model\.backbone: train\.algorithm: fedavg needs an LLM backbone"):
+        load_config(None, ["model.backbone=sasrec"])
+    with pytest.raises(ConfigError, match=r"^--set algorithms: algorithms\[1\]: 'fedsgd' is not one of"):
+        load_config(None, ["algorithms=[fedavg, fedsgd]"])
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

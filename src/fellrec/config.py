@@ -3,7 +3,8 @@
 A YAML file gives any subset of the keys; ``--set a.b=c`` overrides one key from the command line
 (the value is read as YAML, so ``--set partition.num_clients=8`` is an int and
 ``--set data.min_rating=null`` is None). Everything is checked before any work starts and all
-problems are reported at once, each naming the key, and the file and line where it was written.
+problems are reported at once, each naming the key, its value, and where it was given: the file and
+line, or the ``--set`` that overrode it.
 
 The key reference (``fellrec config keys``) is generated from the ``doc`` of each field below, so a
 key is documented once, where it is declared.
@@ -251,49 +252,64 @@ class Config:
                                  "and server")
     eval: EvalConfig = opt(EvalConfig(), "validation and test")
 
-    def validate(self) -> list[str]:
-        """Checks across keys that types alone cannot express; each problem names its key."""
-        problems = []
+    def validate(self) -> list[tuple[tuple[str, ...], str]]:
+        """Checks across keys that types alone cannot express, as ``(keys, problem)`` pairs.
+
+        ``problem`` names one key and the value it has; ``keys`` are the keys whose origin (the
+        ``--set`` or the file line that gave them) locates it, the first that has one.
+        """
+        problems: list[tuple[tuple[str, ...], str]] = []
+
+        def bad(key: str, problem: str, *at: str) -> None:
+            problems.append((at or (key,), f"{key}: {problem}"))
+
         ratios = self.split.ratios
         if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
-            problems.append(f"split.ratios: expected three non-negative shares, got {self.split.ratios}")
+            bad("split.ratios", f"expected three non-negative shares, got {ratios}")
         if self.split.history_len < 1:
-            problems.append(f"split.history_len: must be at least 1, got {self.split.history_len}")
+            bad("split.history_len", f"must be at least 1, got {self.split.history_len}")
         if self.data.kcore < 0:
-            problems.append(f"data.kcore: must be 0 (off) or more, got {self.data.kcore}")
+            bad("data.kcore", f"must be 0 (off) or more, got {self.data.kcore}")
         if self.partition.num_clients < 1:
-            problems.append(f"partition.num_clients: must be at least 1, got {self.partition.num_clients}")
+            bad("partition.num_clients", f"must be at least 1, got {self.partition.num_clients}")
         if self.partition.alpha <= 0:
-            problems.append(f"partition.alpha: must be positive, got {self.partition.alpha}")
+            bad("partition.alpha", f"must be positive, got {self.partition.alpha}")
         if self.partition.method == "attribute" and not self.partition.attribute:
-            problems.append("partition.attribute: method=attribute needs the name of a user attribute")
+            bad("partition.attribute", "method=attribute needs the name of a user attribute",
+                "partition.attribute", "partition.method")
         if self.partition.method == "domain" and not self.data.domains:
-            problems.append("partition.method: domain needs several datasets in data.domains")
+            bad("partition.method", "domain needs several datasets in data.domains")
         known = FEDPA_ALGORITHMS if self.model.backbone == "ctr" else ALGORITHMS
         for i, a in enumerate(self.algorithms):
             if a not in known:
-                problems.append(f"algorithms[{i}]: {a!r} is not one of {', '.join(known)}"
-                                + (" (model.backbone=ctr runs FedPA and its baselines)" if known is FEDPA_ALGORITHMS
-                                   else ""))
+                bad(f"algorithms[{i}]", f"{a!r} is not one of {', '.join(known)}"
+                    + (" (model.backbone=ctr runs FedPA and its baselines)" if known is FEDPA_ALGORITHMS else ""))
         t = self.train
-        if t.rounds < 0 or t.local_steps < 0 or t.local_epochs < 0:
-            problems.append("train.rounds, train.local_steps, train.local_epochs: must not be negative")
+        for key in ("rounds", "local_steps", "local_epochs"):
+            value = getattr(t, key)
+            if value < 0:
+                bad(f"train.{key}", f"must not be negative, got {value}")
         if not 0 < t.client_fraction <= 1:
-            problems.append(f"train.client_fraction: must be in (0, 1], got {t.client_fraction}")
+            bad("train.client_fraction", f"must be in (0, 1], got {t.client_fraction}")
         if t.batch_size < 1:
-            problems.append(f"train.batch_size: must be at least 1, got {t.batch_size}")
-        if self.fellrec.tau <= 0 or self.fellrec.beta <= 0:
-            problems.append(f"fellrec.tau, fellrec.beta: must be positive, got {self.fellrec.tau}, {self.fellrec.beta}")
+            bad("train.batch_size", f"must be at least 1, got {t.batch_size}")
+        for key in ("tau", "beta"):
+            value = getattr(self.fellrec, key)
+            if value <= 0:
+                bad(f"fellrec.{key}", f"must be positive, got {value}")
         if self.eval.every < 0:
-            problems.append(f"eval.every: must be 0 (only after the last round) or more, got {self.eval.every}")
+            bad("eval.every", f"must be 0 (only after the last round) or more, got {self.eval.every}")
         reference = self.model.backbone in ("sasrec", "most-popular")
-        for a in ([] if self.model.backbone == "ctr" else self.algorithms or [t.algorithm]):
-            if reference and a != "centralized":
-                problems.append(f"train.algorithm: {a} needs an LLM backbone; {self.model.backbone} is a "
-                                "centralized reference point (use train.algorithm=centralized)")
+        if reference:
+            chosen = ([(f"algorithms[{i}]", a) for i, a in enumerate(self.algorithms)] if self.algorithms
+                      else [("train.algorithm", t.algorithm)])
+            for key, a in chosen:
+                if a != "centralized":
+                    bad(key, f"{a} needs an LLM backbone; {self.model.backbone} is a centralized reference "
+                        "point (use train.algorithm=centralized)", key, "model.backbone")
         names = [d.name for d in self.data.domains]
         if any(not n for n in names) or len(set(names)) != len(names):
-            problems.append(f"data.domains: every domain needs a distinct name, got {names}")
+            bad("data.domains", f"every domain needs a distinct name, got {names}")
         return problems
 
 
@@ -330,18 +346,38 @@ def config_from_text(text: str | None, source: str, overrides: list[str] = ()) -
         _set_path(data, key, value)
         origins[key] = f"--set {key}"
     errors: list[str] = []
-    cfg = _build(Config, data, "", errors, lambda key: origins.get(key) or _where(source, lines, key))
+    cfg = _build(Config, data, "", errors, lambda key: _where(source, lines, origins, key))
     if not errors:
-        errors = [f"{source}: {p}" for p in cfg.validate()]
+        errors = [f"{_where(source, lines, origins, *keys)}: {problem}" for keys, problem in cfg.validate()]
     if errors:
         raise ConfigError("; ".join(errors))
     return cfg
 
 
-def _where(source: str, lines: dict[str, int], key: str) -> str:
+def _where(source: str, lines: dict[str, int], origins: dict[str, str], *keys: str) -> str:
+    """Where the value of a key came from: ``--set <key>`` (or of a section above it) when an override
+    gave it, else the file line of the key, else of the nearest section above it that the file has,
+    else the file. With several keys, the first that was given explicitly (by --set or on its own
+    line) wins; if none was, the first key's section line or the file."""
+    for key in keys:
+        k = key
+        while k:
+            if k in origins:
+                return origins[k]
+            k = _parent(k)
+        if key in lines:
+            return f"{source}:{lines[key]}"
+    key = keys[0]
     while key and key not in lines:
-        key = key.rpartition(".")[0]
+        key = _parent(key)
     return f"{source}:{lines[key]}" if key in lines else source
+
+
+def _parent(key: str) -> str:
+    """``a.b[2]`` -> ``a.b``, ``a.b`` -> ``a``, ``a`` -> ``""``."""
+    if key.endswith("]"):
+        return key[:key.rindex("[")]
+    return key.rpartition(".")[0]
 
 
 def _key_lines(node, prefix: str = "") -> dict[str, int]:
