@@ -90,12 +90,13 @@ def test_report_contents(tmp_path):
     # bytes: up 3 rounds × (1+2+3) MB = 18.0 MB, down 3 × (4+5+6) MB = 45.0 MB
     assert "bytes up **18.0 MB**" in text and "bytes down **45.0 MB**" in text
     rows = table_rows(text)
-    assert ["R@10", "R@20", "N@10", "N@20"] in rows
-    assert ["0.1234", "0.2345", "0.0567", "0.0789"] in rows
-    # per client: id, name, n, R@10, R@20, N@10, N@20, best round, bytes up, bytes down
-    assert ["0", "north", "17", "0.1111", "0.2011", "0.0511", "0.0611", "3", "3.0 MB", "12.0 MB"] in rows
-    assert ["1", "south", "23", "0.2222", "0.3022", "0.0822", "0.0922", "2", "6.0 MB", "15.0 MB"] in rows
-    assert ["2", "east", "31", "0.0333", "0.1033", "0.0133", "0.0233", "1", "9.0 MB", "18.0 MB"] in rows
+    assert ["", "R@10", "R@20", "N@10", "N@20"] in rows
+    assert ["mean", "0.1234", "0.2345", "0.0567", "0.0789"] in rows
+    assert "(no intervals: this run was made before fellrec wrote them)" in text
+    # per client: id, name, n, R@10, R@20, N@10, N@20, R@10 interval, best round, bytes up, bytes down
+    assert ["0", "north", "17", "0.1111", "0.2011", "0.0511", "0.0611", "-", "3", "3.0 MB", "12.0 MB"] in rows
+    assert ["1", "south", "23", "0.2222", "0.3022", "0.0822", "0.0922", "-", "2", "6.0 MB", "15.0 MB"] in rows
+    assert ["2", "east", "31", "0.0333", "0.1033", "0.0133", "0.0233", "-", "1", "9.0 MB", "18.0 MB"] in rows
     # imbalance: std, min, max, max/min, cv, gini (None -> "-")
     assert ["R@10", "0.0777", "0.0333", "0.2222", "6.6727", "0.5000", "-"] in rows
     # rounds: round, clients trained, mean train loss, mean valid recall@10, cumulative bytes (21 MB per round)
@@ -103,14 +104,14 @@ def test_report_contents(tmp_path):
     assert ["1", "3", "6.0000", "0.0300", "21.0 MB"] in rows
     assert ["2", "3", "5.4667", "0.0567", "42.0 MB"] in rows
     assert ["3", "3", "4.9667", "0.0633", "63.0 MB"] in rows
-    for name in ("clients", "convergence", "imbalance"):
+    for name in ("clients", "learning", "convergence", "imbalance"):
         assert f"](plots/{name}.png)" in text
 
 
 def test_plots_are_pngs(tmp_path):
     run_dir = make_run(tmp_path, RUN_A)
     write_report(run_dir)
-    for name in ("clients", "convergence", "imbalance"):
+    for name in ("clients", "learning", "convergence", "imbalance"):
         data = (run_dir / "plots" / f"{name}.png").read_bytes()
         assert data[:4] == b"\x89PNG"
         assert len(data) > 5000
@@ -162,12 +163,13 @@ def test_compare(tmp_path):
     a, b = make_run(tmp_path, RUN_A), make_run(tmp_path, RUN_B, scale=2)
     text, png = compare([a, b], out_dir=tmp_path / "cmp")
     rows = table_rows(text)
-    assert ["run", "algorithm", "backbone", "R@10", "R@20", "N@10", "N@20", "std R@10", "max/min R@10",
-            "bytes up+down", "time"] in rows
-    assert ["alpha-fedavg", "fedavg", "ranker", "0.1234", "0.2345", "0.0567", "0.0789", "0.0777", "6.6727",
-            "63.0 MB", "12 min 34 s"] in rows
-    assert ["beta-fedprox", "fedprox", "bigrec", "0.3456", "0.4567", "0.1678", "0.1789", "0.0567", "1.4475",
-            "126.0 MB", "42.5 s"] in rows
+    assert ["run", "algorithm", "backbone", "users", "R@10", "R@20", "N@10", "N@20", "R@10 95% CI", "std R@10",
+            "max/min R@10", "bytes up+down", "time"] in rows
+    assert ["alpha-fedavg", "fedavg", "ranker", "71", "0.1234", "0.2345", "0.0567", "0.0789", "-", "0.0777",
+            "6.6727", "63.0 MB", "12 min 34 s"] in rows
+    assert ["beta-fedprox", "fedprox", "bigrec", "71", "0.3456", "0.4567", "0.1678", "0.1789", "-", "0.0567",
+            "1.4475", "126.0 MB", "42.5 s"] in rows
+    assert "Paired differences" not in text  # neither run has per-user results
     assert ["client", "alpha-fedavg", "beta-fedprox"] in rows
     assert ["north", "0.1111", "0.3101"] in rows
     assert ["south", "0.2222", "0.4202"] in rows
@@ -192,7 +194,7 @@ def test_format_compare_is_plain_text(tmp_path):
     assert "|" not in text
     lines = text.splitlines()
     alpha = next(line for line in lines if line.startswith("alpha-fedavg"))
-    assert alpha.split()[:7] == ["alpha-fedavg", "fedavg", "ranker", "0.1234", "0.2345", "0.0567", "0.0789"]
+    assert alpha.split()[:8] == ["alpha-fedavg", "fedavg", "ranker", "71", "0.1234", "0.2345", "0.0567", "0.0789"]
     assert next(line for line in lines if line.startswith("south")).split() == ["south", "0.2222", "0.4202"]
     first = lines[:lines.index("")]
     assert len(first) == 4 and len({len(line) for line in first}) == 1  # header, rule, 2 runs: aligned
@@ -207,3 +209,71 @@ def test_fmt(value, text):
                                          (4_560_000_000, "4.6 GB")])
 def test_human_bytes(n, text):
     assert human_bytes(n) == text
+
+
+def write_users(out, values: dict[int, float], client_of=lambda u: u % 3):
+    lines = ["user,client,recall@10,ndcg@10"]
+    lines += [f"{u},{client_of(u)},{v!r},{v / 2!r}" for u, v in values.items()]
+    (out / "test_users.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_compare_gives_paired_differences_on_the_users_both_runs_tested(tmp_path):
+    import numpy as np
+
+    from fellrec.stats import paired_difference
+
+    rng = np.random.default_rng(0)
+    a_vals = {u: float(rng.random() < 0.3) for u in range(300)}
+    b_vals = {u: float(rng.random() < 0.1) for u in range(20, 320)}  # 280 users in common
+    a, b = make_run(tmp_path, RUN_A), make_run(tmp_path, RUN_B)
+    write_users(a, a_vals)
+    write_users(b, b_vals)
+    text, _ = compare([a, b])
+    rows = table_rows(text.split("## Paired differences")[1].split("##")[0])
+    assert rows[0][:4] == ["A", "B", "users", "R@10 A − B"]
+    want = paired_difference(a_vals, b_vals)
+    assert want.n == 280 and want.significant
+    assert rows[2][:6] == ["alpha-fedavg", "beta-fedprox", "280", f"{want.mean:+.4f}",
+                           f"[{want.low:.4f}, {want.high:.4f}]", "*"]
+    half = paired_difference({u: v / 2 for u, v in a_vals.items()}, {u: v / 2 for u, v in b_vals.items()})
+    assert rows[2][6] == f"{half.mean:+.4f}"
+    # a run on another test set (other data) is not paired with them
+    c = make_run(tmp_path, {**RUN_B, "name": "gamma-other"})
+    config = yaml.safe_load((c / "config.yaml").read_text())
+    (c / "config.yaml").write_text(yaml.safe_dump({**config, "data": {"format": "ml-1m"}}))
+    write_users(c, b_vals)
+    text, _ = compare([a, b, c])
+    rows = table_rows(text.split("## Paired differences")[1].split("##")[0])
+    assert [r[:2] for r in rows[2:]] == [["alpha-fedavg", "beta-fedprox"]]
+
+
+def test_compare_summarises_runs_that_differ_only_in_seed(tmp_path):
+    runs = []
+    for i, (seed, r10) in enumerate([(1, 0.10), (2, 0.14), (3, 0.12)]):
+        out = make_run(tmp_path, {**RUN_A, "name": f"s{i}", "overall": {**RUN_A["overall"], "recall@10": r10}})
+        config = yaml.safe_load((out / "config.yaml").read_text())
+        (out / "config.yaml").write_text(yaml.safe_dump({**config, "name": f"s{i}", "seed": seed}))
+        runs.append(out)
+    runs.append(make_run(tmp_path, RUN_B))  # another algorithm: not grouped
+    text, _ = compare(runs)
+    rows = table_rows(text.split("## Over seeds")[1].split("##")[0])
+    header, row = rows[0], rows[2]
+    assert len(rows) == 3 and row[:3] == ["s0 s1 s2", "fedavg", "1, 2, 3"]
+    assert row[header.index("R@10")] == "0.1200 ± 0.0200"
+
+
+def test_report_shows_intervals_and_warnings(tmp_path):
+    out = make_run(tmp_path, RUN_A)
+    results = json.loads((out / "results.json").read_text())
+    results["intervals"] = {"overall": {m: [v - 0.01, v + 0.02] for m, v in RUN_A["overall"].items()},
+                            "clients": {"1": {"recall@10": [0.2, 0.25]}}}
+    results["warnings"] = ["only 71 test users (temporal split): one hit moves recall@K by about 0.014"]
+    (out / "results.json").write_text(json.dumps(results))
+    text = (write_report(out)).read_text()
+    assert "## Warnings\n\n- only 71 test users" in text
+    overall = table_rows(text.split("## Overall (test)")[1].split("##")[0])
+    assert overall[3][0] == "95% CI" and overall[3][overall[0].index("R@10")] == "[0.1134, 0.1434]"
+    clients = table_rows(text.split("## Clients (test)")[1].split("##")[0])
+    ci = clients[0].index("R@10 95% CI")
+    assert [r[ci] for r in clients[2:]] == ["-", "[0.2000, 0.2500]", "-"]
+    assert (out / "plots" / "learning.png").exists()

@@ -296,6 +296,11 @@ def format_results(r: dict, metrics: tuple[str, ...] = ("recall@10", "recall@20"
             for c, v in r["clients"].items()]
     rows.append(["overall", "", str(sum(v["n"] for v in r["clients"].values())),
                  *(num(r["overall"][m]) for m in metrics), ""])
+    ci = (r.get("intervals") or {}).get("overall") or {}
+    if ci:
+        from fellrec.report import fmt_interval
+
+        rows.append(["95% CI", "", "", *(fmt_interval(ci.get(m)) for m in metrics), ""])
     widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths, strict=True)) for row in rows]
@@ -311,6 +316,7 @@ def format_results(r: dict, metrics: tuple[str, ...] = ("recall@10", "recall@20"
     rounds = f", {r['rounds']} rounds" if "rounds" in r else ""
     lines.append(f"{r['backbone']} / {r['algorithm']} on {r['dataset']}: {r['samples']['train']:,} train "
                  f"samples, {r['samples']['test']:,} test users{rounds}{sent}, {r['time_s']:.0f} s")
+    lines += [f"warning: {w}" for w in r.get("warnings") or []]
     return "\n".join(lines)
 
 

@@ -7,8 +7,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from fellrec.metrics import rank_metrics
+from fellrec.metrics import rank_metrics, summarize
 from fellrec.split import Samples
+from fellrec.stats import intervals
 
 
 def evaluate(rank: Callable[[Samples], torch.Tensor], samples: Samples, *, batch_size: int = 16,
@@ -25,3 +26,10 @@ def evaluate(rank: Callable[[Samples], torch.Tensor], samples: Samples, *, batch
     if not parts:
         return {}
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def test_summary(per_user: dict[str, np.ndarray], client_of: np.ndarray) -> dict:
+    """What results.json says of a test: ``overall``, ``clients`` and ``imbalance`` (see
+    ``fellrec.metrics.summarize``) and ``intervals``, the 95% bootstrap interval of every metric
+    over the test users, overall and per client (``fellrec.stats.intervals``)."""
+    return {**summarize(per_user, client_of), "intervals": intervals(per_user, client_of)}

@@ -131,6 +131,13 @@ def sort_ids(ids) -> list[str]:
     return sorted(ids, key=lambda s: (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s))
 
 
+def fmt_interval(pair, digits: int = 4) -> str:
+    """``[low, high]`` of an interval, or ``-``."""
+    if not pair or not all(_finite(v) for v in pair):
+        return MISSING
+    return f"[{pair[0]:.{digits}f}, {pair[1]:.{digits}f}]"
+
+
 def fmt(value: Any, digits: int = 4) -> str:
     """A number with ``digits`` decimals (ints as they are); None and NaN as ``-``."""
     if value is None or isinstance(value, bool):
@@ -269,7 +276,8 @@ def write_report(run_dir: str | Path) -> Path:
     run = load_run(run_dir)
     plots = run.path / "plots"
     plots.mkdir(exist_ok=True)
-    images = [p for p in (plot_clients(run, plots / "clients.png"), plot_convergence(run, plots / "convergence.png"),
+    images = [p for p in (plot_clients(run, plots / "clients.png"), plot_learning(run, plots / "learning.png"),
+                          plot_convergence(run, plots / "convergence.png"),
                           plot_imbalance(run, plots / "imbalance.png"), plot_similarity(run, plots / "similarity.png"),
                           plot_heating(run, plots / "heating.png")) if p is not None]
     out = run.path / "report.md"
@@ -279,8 +287,10 @@ def write_report(run_dir: str | Path) -> Path:
 
 def render_report(run: Run, images: Sequence[Path] = ()) -> str:
     """The markdown text of ``report.md``; ``images`` are paths relative to the run directory."""
-    parts = [f"# Run {run.name}", settings_line(run),
-             "## Overall (test)", overall_table(run),
+    parts = [f"# Run {run.name}", settings_line(run)]
+    if run.results.get("warnings"):
+        parts += ["## Warnings", "\n".join(f"- {w}" for w in run.results["warnings"])]
+    parts += ["## Overall (test)", overall_table(run),
              "## Clients (test)", clients_table(run),
              "## Imbalance across clients (test)", imbalance_table(run),
              f"## Rounds (validation by {run.select_by})", rounds_table(run)]
@@ -319,7 +329,16 @@ def overall_table(run: Run) -> str:
     overall = run.results.get("overall") or {}
     metrics = rank_metrics(overall)
     if metrics:
-        return markdown_table([short(m) for m in metrics], [[fmt(overall[m]) for m in metrics]])
+        rows = [["mean", *(fmt(overall[m]) for m in metrics)]]
+        ci = (run.results.get("intervals") or {}).get("overall") or {}
+        if ci:
+            rows.append(["95% CI", *(fmt_interval(ci.get(m)) for m in metrics)])
+            n = sum((c or {}).get("n", 0) for c in (run.results.get("clients") or {}).values())
+            note = (f"\n\nMeans over {n} test users; the interval is a percentile bootstrap over the test users "
+                    "(2,000 resamples).")
+        else:
+            note = "\n\n(no intervals: this run was made before fellrec wrote them)"
+        return markdown_table(["", *(short(m) for m in metrics)], rows) + note
     ctr = [m for m in CTR_METRICS if m in overall]
     if not ctr:
         return "_no test metrics_"
@@ -346,12 +365,16 @@ def clients_table(run: Run) -> str:
     metrics = rank_metrics(run.results.get("overall") or next(iter(clients.values())))
     best = run.results.get("best_round") or {}
     per_client = (run.results.get("communication") or {}).get("per_client") or {}
-    header = ["client", "name", "n test users", *map(short, metrics), "best round", "bytes up", "bytes down"]
+    ci = (run.results.get("intervals") or {}).get("clients") or {}
+    main = "recall@10" if "recall@10" in metrics else metrics[0]
+    header = ["client", "name", "n test users", *map(short, metrics), f"{short(main)} 95% CI", "best round",
+              "bytes up", "bytes down"]
     rows = []
     for cid in run.client_ids():
         c, comm = clients[cid], per_client.get(cid) or {}
         rows.append([cid, run.client_name(cid), fmt(c.get("n")), *(fmt(c.get(m)) for m in metrics),
-                     fmt(best.get(cid)), human_bytes(comm.get("bytes_up")), human_bytes(comm.get("bytes_down"))])
+                     fmt_interval((ci.get(cid) or {}).get(main)), fmt(best.get(cid)),
+                     human_bytes(comm.get("bytes_up")), human_bytes(comm.get("bytes_down"))])
     return markdown_table(header, rows, left=2)
 
 
@@ -399,6 +422,34 @@ def plot_convergence(run: Run, path: Path) -> Path | None:
     _lines(left, run, losses, "training loss")
     _lines(right, run, valid, f"validation {run.select_by}")
     fig.suptitle(f"{run.name}: convergence")
+    return _save(fig, path)
+
+
+def learning_curve(run: Run) -> list[tuple[int, float, float]]:
+    """(round, seconds since the start, mean validation ``select_by`` over the validated clients) per
+    validation round."""
+    out = []
+    for r in run.rounds:
+        values = [v.get(run.select_by) for v in (r.get("valid") or {}).values()]
+        values = [v for v in values if _finite(v)]
+        if values and _finite(r.get("time_s")):
+            out.append((r["round"], float(r["time_s"]), float(np.mean(values))))
+    return out
+
+
+def plot_learning(run: Run, path: Path) -> Path | None:
+    """The validation metric (mean over clients) against the round (left) and the wall time (right)."""
+    curve = learning_curve(run)
+    if not curve:
+        return None
+    fig, (left, right) = _figure(12.0, ncols=2)
+    label = f"validation {run.select_by} (mean over clients)"
+    left.plot([c[0] for c in curve], [c[2] for c in curve], marker="o")
+    left.set(xlabel="round", ylabel=label, title="against rounds")
+    left.xaxis.get_major_locator().set_params(integer=True)
+    right.plot([c[1] / 60 for c in curve], [c[2] for c in curve], marker="o")
+    right.set(xlabel="minutes since the start (training and validation)", ylabel=label, title="against time")
+    fig.suptitle(f"{run.name}: learning curve")
     return _save(fig, path)
 
 
@@ -520,13 +571,15 @@ def _save(fig, path: Path) -> Path:
 
 def compare(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None,
             metric: str = "recall@10") -> tuple[str, Path | None]:
-    """Markdown comparing runs (summary table, per-client ``metric`` table); with ``out_dir``, also
-    ``compare.md`` and ``compare.png`` there. Returns the markdown and the png path (None without ``out_dir``)."""
+    """Markdown comparing runs: the summary table (every metric, the interval of ``metric``), the paired
+    differences of every two runs on the same test users, the mean ± std of runs that differ only in
+    their seed, and ``metric`` per client. With ``out_dir``, also ``compare.md`` and ``compare.png``
+    there. Returns the markdown and the png path (None without ``out_dir``)."""
     runs = [load_run(d) for d in run_dirs]
-    header, rows = summary_rows(runs, metric)
-    c_header, c_rows = client_rows(runs, metric)
-    text = (f"# Comparison of {len(runs)} runs\n\n{markdown_table(header, rows, left=3)}\n\n"
-            f"## {metric} per client (test)\n\n{markdown_table(c_header, c_rows)}\n")
+    parts = [f"# Comparison of {len(runs)} runs", markdown_table(*summary_rows(runs, metric), left=3)]
+    for title, table in comparison_tables(runs, metric):
+        parts += [f"## {title}", markdown_table(*table[:2], left=table[2] if len(table) > 2 else 1)]
+    text = "\n\n".join(parts) + "\n"
     if out_dir is None:
         return text, None
     out = Path(out_dir)
@@ -539,25 +592,103 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None,
 
 
 def format_compare(runs: Sequence[Run | str | Path], metric: str = "recall@10") -> str:
-    """The comparison as plain aligned text for a terminal (runs, then ``metric`` per client)."""
+    """The comparison as plain aligned text for a terminal (the same tables as ``compare``)."""
     runs = [r if isinstance(r, Run) else load_run(r) for r in runs]
-    return (text_table(*summary_rows(runs, metric), left=3) + f"\n\n{metric} per client (test)\n"
-            + text_table(*client_rows(runs, metric)))
+    parts = [text_table(*summary_rows(runs, metric), left=3)]
+    for title, table in comparison_tables(runs, metric):
+        parts.append(f"{title}\n" + text_table(*table[:2], left=table[2] if len(table) > 2 else 1))
+    return "\n\n".join(parts)
+
+
+def comparison_tables(runs: Sequence[Run], metric: str) -> list[tuple[str, tuple]]:
+    """(title, (header, rows[, left])) of the tables after the summary."""
+    out = []
+    paired = paired_rows(runs, [metric, *(["ndcg@10"] if metric != "ndcg@10" else [])])
+    if paired[1]:
+        out.append(("Paired differences on the same test users (A − B, 95% bootstrap CI; * = the interval "
+                    "excludes 0)", (*paired, 2)))
+    seeds = seed_rows(runs)
+    if seeds[1]:
+        out.append(("Over seeds (runs that differ only in their seed: mean ± std)", (*seeds, 1)))
+    out.append((f"{metric} per client (test)", client_rows(runs, metric)))
+    return out
 
 
 def summary_rows(runs: Sequence[Run], metric: str = "recall@10") -> tuple[list[str], list[list[str]]]:
-    """One row per run: name, algorithm, backbone, overall metrics, spread of ``metric``, bytes, time."""
+    """One row per run: name, algorithm, backbone, overall metrics, the interval of ``metric``, its spread
+    across clients, bytes, time."""
     metrics = rank_metrics({m for r in runs for m in r.results.get("overall") or {}})
-    header = ["run", "algorithm", "backbone", *map(short, metrics), f"std {short(metric)}",
-              f"max/min {short(metric)}", "bytes up+down", "time"]
+    header = ["run", "algorithm", "backbone", "users", *map(short, metrics), f"{short(metric)} 95% CI",
+              f"std {short(metric)}", f"max/min {short(metric)}", "bytes up+down", "time"]
     rows = []
     for r in runs:
         res, imb = r.results, (r.results.get("imbalance") or {}).get(metric) or {}
         comm = res.get("communication") or {}
         moved = _sum_known(comm.get("bytes_up"), comm.get("bytes_down"))
+        users = sum((c or {}).get("n", 0) for c in (res.get("clients") or {}).values())
+        ci = ((res.get("intervals") or {}).get("overall") or {}).get(metric)
         rows.append([r.name, str(res.get("algorithm") or MISSING), str(res.get("backbone") or MISSING),
-                     *(fmt((res.get("overall") or {}).get(m)) for m in metrics), fmt(imb.get("std")),
-                     fmt(imb.get("max_min_ratio")), human_bytes(moved), human_time(res.get("time_s"))])
+                     str(users or MISSING), *(fmt((res.get("overall") or {}).get(m)) for m in metrics),
+                     fmt_interval(ci), fmt(imb.get("std")), fmt(imb.get("max_min_ratio")), human_bytes(moved),
+                     human_time(res.get("time_s"))])
+    return header, rows
+
+
+def _test_set(run: Run) -> tuple:
+    """What fixes a run's test users and their targets: the data and the split."""
+    split = run.config.get("split") or {}
+    return (json.dumps(run.config.get("data"), sort_keys=True), split.get("method"), str(split.get("ratios")),
+            json.dumps((run.config.get("eval") or {}).get("max_test_samples")))
+
+
+def paired_rows(runs: Sequence[Run], metrics: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """Every two runs with per-user test results (test_users.csv) on the same test set: A − B of each
+    metric over the users both tested, with its bootstrap interval."""
+    from fellrec.rundir import read_test_users
+    from fellrec.stats import paired_difference
+
+    per_user = {id(r): read_test_users(r.path) for r in runs}
+    header = ["A", "B", "users"]
+    for m in metrics:
+        header += [f"{short(m)} A − B", "95% CI", ""]
+    rows = []
+    for i, a in enumerate(runs):
+        for b in runs[i + 1:]:
+            ua, ub = per_user[id(a)], per_user[id(b)]
+            if ua is None or ub is None or _test_set(a) != _test_set(b):
+                continue
+            cells, n = [], 0
+            for m in metrics:
+                if m not in ua or m not in ub:
+                    cells += [MISSING, MISSING, ""]
+                    continue
+                d = paired_difference(ua[m], ub[m])
+                n = max(n, d.n)
+                cells += [f"{d.mean:+.4f}", fmt_interval((d.low, d.high)), "*" if d.significant else ""]
+            rows.append([a.name, b.name, str(n), *cells])
+    return header, rows
+
+
+def seed_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
+    """One row per group of runs whose configs differ only in ``name`` and ``seed``: mean ± std of each
+    overall metric over the group's seeds."""
+    from fellrec.stats import across_seeds
+
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        cfg = {k: v for k, v in r.config.items() if k not in ("name", "seed")}
+        groups.setdefault(json.dumps(cfg, sort_keys=True, default=str), []).append(r)
+    groups = {k: g for k, g in groups.items() if len(g) > 1}
+    metrics = rank_metrics({m for g in groups.values() for r in g for m in r.results.get("overall") or {}})
+    header = ["runs", "algorithm", "seeds", *map(short, metrics)]
+    rows = []
+    for g in groups.values():
+        cells = []
+        for m in metrics:
+            mean, std = across_seeds([(r.results.get("overall") or {}).get(m) for r in g])
+            cells.append(f"{mean:.4f} ± {std:.4f}")
+        seeds = ", ".join(str(r.config.get("seed")) for r in g)
+        rows.append([" ".join(r.name for r in g), str(g[0].results.get("algorithm") or MISSING), seeds, *cells])
     return header, rows
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from fellrec.files import remove_temporaries, write_text
 from fellrec.runtime.checkpoint import NAME as CHECKPOINT
 
-RESULTS, REPORT, CONFIG = "results.json", "report.md", "config.yaml"
+RESULTS, REPORT, CONFIG, TEST_USERS = "results.json", "report.md", "config.yaml", "test_users.csv"
 
 
 def is_finished(out: Path) -> bool:
@@ -76,3 +76,35 @@ def complete(out: Path) -> Path:
     if not (out / REPORT).exists():
         write_report(out)
     return out
+
+
+def write_test_users(out: Path, per_user: dict, client_of, users) -> Path:
+    """``test_users.csv``: one row per test user (``user``: the dataset's dense user id, ``client``,
+    then every metric; empty where the user has no ground truth). Runs on the same data share these
+    ids, so ``fellrec compare`` pairs their users."""
+    import numpy as np
+
+    names = list(per_user)
+    lines = [",".join(["user", "client", *names])]
+    values = [np.asarray(per_user[m], dtype=float) for m in names]
+    for i, (u, c) in enumerate(zip(users, client_of, strict=True)):
+        cells = ["" if np.isnan(v[i]) else repr(float(v[i])) for v in values]
+        lines.append(",".join([str(int(u)), str(int(c)), *cells]))
+    return write_text(Path(out) / TEST_USERS, "\n".join(lines) + "\n")
+
+
+def read_test_users(out: Path) -> dict[str, dict[int, float]] | None:
+    """metric -> {user: value} from a run's ``test_users.csv`` (None when the run has none)."""
+    path = Path(out) / TEST_USERS
+    if not path.exists():
+        return None
+    rows = path.read_text(encoding="utf-8").splitlines()
+    names = rows[0].split(",")[2:]
+    out_: dict[str, dict[int, float]] = {m: {} for m in names}
+    for row in rows[1:]:
+        cells = row.split(",")
+        user = int(cells[0])
+        for m, cell in zip(names, cells[2:], strict=True):
+            if cell:
+                out_[m][user] = float(cell)
+    return out_
