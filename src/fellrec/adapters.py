@@ -32,8 +32,14 @@ def add_lora(model: nn.Module, settings: LoraSettings, seed: int = 0) -> PeftMod
     if missing:
         raise ConfigError(f"model.lora.targets: the model has no linear layer named {', '.join(missing)}; "
                           f"it has {', '.join(sorted(names))}")
+    layers = None
+    if settings.last_blocks is not None:
+        n = model.config.num_hidden_layers
+        if settings.last_blocks > n:
+            raise ConfigError(f"model.lora.last_blocks: {settings.last_blocks} asked for, the model has {n} blocks")
+        layers = list(range(n - settings.last_blocks, n))
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=list(settings.targets), bias="none")
+                        target_modules=list(settings.targets), bias="none", layers_to_transform=layers)
     with torch.random.fork_rng(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renamed a gradient-checkpointing flag
         torch.manual_seed(seed)

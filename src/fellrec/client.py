@@ -41,7 +41,8 @@ class AdapterTrainer:
 
     def __init__(self, client: str, backbone, train: Samples, valid: Samples, *, settings: TrainConfig,
                  initial: Tensors, seed: int, select_by: str, ks: tuple[int, ...], eval_batch_size: int,
-                 steps_per_round: int | None = None):
+                 steps_per_round: int | None = None, kept: set[str] = frozenset(),
+                 group_lrs: dict[str, float] | None = None):
         self.client = client
         self.backbone = backbone
         self.train, self.valid = train, valid
@@ -51,6 +52,8 @@ class AdapterTrainer:
         self.ks = tuple(ks)
         self.eval_batch_size = eval_batch_size
         self.steps_per_round = steps_per_round if steps_per_round is not None else self._steps(settings)
+        self.kept = set(kept)  # adapter tensors that never leave the client (model.item_vectors: private)
+        self.group_lrs = dict(group_lrs or {})  # name prefix -> its own learning rate
         self.private = {k: v.clone() for k, v in initial.items()}
         self.best: Tensors = dict(self.private)
         self.best_score: float | None = None
@@ -74,8 +77,7 @@ class AdapterTrainer:
         torch.manual_seed(seed)  # LoRA dropout
         if hasattr(self.backbone, "reseed"):
             self.backbone.reseed(seed)  # the ranker's sampled negatives
-        params = list(adapter_parameters(model).values())
-        optimizer, scheduler = make_optimizer(params, t, self.steps_per_round, warmup=rnd == 1)
+        optimizer, scheduler = make_optimizer(self._param_groups(model), t, self.steps_per_round, warmup=rnd == 1)
         split_before = (0, 0)
         if is_split(model):  # the server trains the trunk's adapter with its own optimizer, step for step
             model.reset_trunk_optimizer(lambda ps: make_optimizer(ps, t, self.steps_per_round, warmup=rnd == 1))
@@ -91,12 +93,25 @@ class AdapterTrainer:
                                  sampler=BatchSampler(len(self.train), t.batch_size, seed), optimizer=optimizer,
                                  scheduler=scheduler, grad_clip=t.grad_clip, on_step=on_step)
         self.private = read_full(model)
-        shared = self.private if payload.config.get("share", True) else {}
+        shared = {k: v for k, v in self.private.items() if k not in self.kept} if payload.config.get("share", True) \
+            else {}
         metrics = {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": len(losses)}
         if is_split(model):  # activations and gradients exchanged with the trunk in this local training
             metrics["split_bytes_up"] = model.transport.bytes_up - split_before[0]
             metrics["split_bytes_down"] = model.transport.bytes_down - split_before[1]
         return ClientUpdate(self.client, shared, len(self.train), metrics)
+
+    def _param_groups(self, model) -> list:
+        """The adapter's parameters for the optimizer: one group, or one more per prefix in ``group_lrs``."""
+        params = adapter_parameters(model)
+        if not self.group_lrs:
+            return list(params.values())
+        groups = {prefix: [] for prefix in self.group_lrs}
+        rest = []
+        for name, p in params.items():
+            prefix = next((x for x in self.group_lrs if name.startswith(x)), None)
+            (groups[prefix] if prefix is not None else rest).append(p)
+        return [{"params": rest}, *({"params": ps, "lr": self.group_lrs[x]} for x, ps in groups.items() if ps)]
 
     def evaluate(self, payload: Payload, rnd: int) -> dict[str, float]:
         """Validation metrics of the adapter ``payload`` gives; remembers the best round's adapter."""
@@ -183,7 +198,7 @@ class WithTrunk:
 
 def proximal(loss, params: dict[str, torch.nn.Parameter], anchor: Tensors, mu: float):
     """``loss`` plus FedProx's (μ/2)·Σ ||w − w_anchor||² over the adapter tensors."""
-    pairs = [(p, anchor[name].detach().to(p.device)) for name, p in params.items()]
+    pairs = [(p, anchor[name].detach().to(p.device)) for name, p in params.items() if name in anchor]
 
     def with_term(batch: Samples) -> torch.Tensor:
         term = sum(((p - a) ** 2).sum() for p, a in pairs)

@@ -71,6 +71,10 @@ class SplitConfig:
                       choices=("temporal", "per-user", "leave-one-out"))
     ratios: list[float] = opt([0.8, 0.1, 0.1], "train/valid/test shares for temporal and per-user splits")
     history_len: int = opt(10, "items of history in a sample: the last N before the target")
+    train_stride: int = opt(1, "a training sample every this many positions of a user's training sequence, "
+                            "counted back from the last (1: every position, as FELLRec). With a backbone that "
+                            "learns from every position of a sample (item-tokens, loss_positions=all), "
+                            "history_len sees each transition once per epoch")
 
 
 @dataclass
@@ -102,19 +106,24 @@ class LoraConfig:
     alpha: float = opt(16.0, "LoRA scaling α (the update is scaled by α/r)")
     dropout: float = opt(0.05, "dropout on the LoRA branch's input")
     targets: list[str] = opt(["q_proj", "v_proj"], "names of the linear layers that get an adapter")
+    last_blocks: int | None = opt(None, "adapt only the last N blocks (null: every block). With the "
+                                  "item-token backbone the frozen blocks below them run once per sample and "
+                                  "are kept in memory, so later epochs pay only for the adapted ones")
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = opt("ranker", "ranker: text-encoder ranker (fast on CPU); bigrec: generate a title, "
-                        "ground it by L2; sasrec: ID-based SASRec; most-popular: popularity; ctr: FedPA's "
-                        "attribute-based CTR foundation model (set fedpa.*)",
-                        choices=("ranker", "bigrec", "sasrec", "most-popular", "ctr"))
+    backbone: str = opt("ranker", "item-tokens: one LM input vector per history item, scores over the "
+                        "catalogue from the last state (the fast LLM backbone); ranker: text-encoder ranker; "
+                        "bigrec: generate a title, ground it by L2; sasrec: ID-based SASRec; most-popular: "
+                        "popularity; ctr: FedPA's attribute-based CTR foundation model (set fedpa.*)",
+                        choices=("item-tokens", "ranker", "bigrec", "sasrec", "most-popular", "ctr"))
     name_or_path: str = opt("smollm2-135m-instruct", "base LM: smollm2-135m-instruct (packaged), tiny-random "
                             "(tests), or a local Hugging Face checkpoint directory")
     device: str = opt("auto", "where the LLM runs: auto (cuda when torch sees a GPU, else cpu), cpu, cuda, "
                       "cuda:N")
     lora: LoraConfig = opt(LoraConfig(), "the adapter the LLM backbones train")
+    blocks: int | None = opt(None, "use only the first N blocks of the LM (null: all); fewer blocks, less work")
     max_len: int = opt(512, "token cut-off of a prompt (the oldest history is cut first)")
     prompt_item: str | None = opt(None, "prompt word for one item (null: from the dataset, e.g. movie)")
     prompt_items: str | None = opt(None, "prompt word for items (null: from the dataset, e.g. movies)")
@@ -130,6 +139,15 @@ class ModelConfig:
     negatives: int = opt(0, "ranker: 0 = softmax over the whole catalogue; N = in-batch targets plus N "
                          "sampled items")
     temperature: float = opt(0.05, "ranker: softmax temperature τ of the cosine scores")
+    item_dim: int = opt(64, "item-tokens: size of the trainable per-item vectors, in and out (0: none, the "
+                        "items are their titles alone)")
+    item_vectors: str = opt("shared", "item-tokens: the per-item vectors and biases travel and are aggregated "
+                            "(shared), or stay on each client (private): their updates tell the server which "
+                            "items a client trained on", choices=("shared", "private"))
+    item_lr: float | None = opt(None, "item-tokens: learning rate of the item part (null: train.lr)")
+    loss_positions: str = opt("all", "item-tokens: softmax loss at every item position (each predicts the "
+                              "next item) or at the last only", choices=("all", "last"))
+    cache_mb: float = opt(1024.0, "item-tokens: memory for the frozen lower blocks' states, per process")
     sasrec_dim: int = opt(64, "sasrec: embedding size")
     sasrec_blocks: int = opt(2, "sasrec: self-attention blocks")
     sasrec_dropout: float = opt(0.2, "sasrec: dropout")
@@ -268,6 +286,21 @@ class Config:
             bad("split.ratios", f"expected three non-negative shares, got {ratios}")
         if self.split.history_len < 1:
             bad("split.history_len", f"must be at least 1, got {self.split.history_len}")
+        if self.split.train_stride < 1:
+            bad("split.train_stride", f"must be at least 1, got {self.split.train_stride}")
+        m = self.model
+        if m.blocks is not None and m.blocks < 1:
+            bad("model.blocks", f"must be at least 1 (or null for all), got {m.blocks}")
+        if m.lora.last_blocks is not None and m.lora.last_blocks < 1:
+            bad("model.lora.last_blocks", f"must be at least 1 (or null for every block), got {m.lora.last_blocks}")
+        if m.item_dim < 0:
+            bad("model.item_dim", f"must be 0 (no per-item vectors) or more, got {m.item_dim}")
+        if m.item_lr is not None and m.item_lr <= 0:
+            bad("model.item_lr", f"must be positive (or null for train.lr), got {m.item_lr}")
+        if m.cache_mb < 0:
+            bad("model.cache_mb", f"must not be negative, got {m.cache_mb}")
+        if m.lora.r < 1:
+            bad("model.lora.r", f"must be at least 1, got {m.lora.r}")
         if self.data.kcore < 0:
             bad("data.kcore", f"must be 0 (off) or more, got {self.data.kcore}")
         if self.partition.num_clients < 1:

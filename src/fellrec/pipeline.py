@@ -103,7 +103,7 @@ def prepare(cfg: Config, progress: bool = False, echo: bool = True) -> Prepared:
     if len(sp.train) == 0:
         raise nothing_usable(d, ds, f"the {cfg.split.method} split of the {len(ds.interactions):,} interactions "
                              "left after filtering gives no user a training interaction")
-    samples = build_samples(sp, cfg.split.history_len)
+    samples = build_samples(sp, cfg.split.history_len, cfg.split.train_stride)
     p = cfg.partition
     options = {
         "kmeans": {"progress": progress, "mf_options": {

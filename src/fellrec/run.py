@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -32,17 +33,18 @@ from tqdm.auto import tqdm
 
 from fellrec.adapters import add_lora
 from fellrec.backbones.bigrec import BIGRec
+from fellrec.backbones.item_tokens import ItemTokenRec
 from fellrec.backbones.prompts import Prompt
 from fellrec.backbones.ranker import TextRanker
 from fellrec.client import AdapterTrainer, derive_seed, is_split, read_full
 from fellrec.config import Config, dump, load_config, to_dict
 from fellrec.errors import ConfigError
-from fellrec.evaluate import evaluate
+from fellrec.evaluate import evaluate, test_summary
 from fellrec.files import save_tensors, write_text
 from fellrec.llm import load_base, model_id
-from fellrec.metrics import metric_keys, summarize
+from fellrec.metrics import metric_keys
 from fellrec.pipeline import Prepared, prepare
-from fellrec.rundir import begun, complete, is_finished, is_resumable
+from fellrec.rundir import begun, complete, is_finished, is_resumable, write_test_users
 from fellrec.runtime.embedded import EmbeddedRuntime, plain
 from fellrec.split import Samples
 from fellrec.strategies import POOLED, make_strategy
@@ -87,6 +89,10 @@ def run(cfg: Config, runs_dir: str | Path = "runs", progress: bool = True, resum
             return finish(cfg, out, started, ctr_run(cfg, out, progress))
         p = prepare(cfg, progress=progress)
         test = pick_test(p)
+        warnings = protocol_warnings(list(p.partition.names), client_counts(p, p.samples.valid),
+                                     client_counts(p, test), cfg.split.method)
+        for w in warnings:
+            print(f"fellrec: warning: {w}", file=sys.stderr, flush=True)
         if cfg.model.backbone in ("most-popular", "sasrec"):
             per_user, extra = reference_run(cfg, p, test, out, progress)
         else:
@@ -97,10 +103,12 @@ def run(cfg: Config, runs_dir: str | Path = "runs", progress: bool = True, resum
             "algorithm": cfg.train.algorithm,
             "backbone": cfg.model.backbone,
             "dataset": p.dataset.name,
-            **summarize(per_user, p.client_of(test.user)),
+            **test_summary(per_user, p.client_of(test.user)),
             "client_names": {str(c): n for c, n in enumerate(p.partition.names)},
+            "warnings": warnings,
             **extra,
         }
+        write_test_users(out, per_user, p.client_of(test.user), test.user)
         return finish(cfg, out, started, results)
 
 
@@ -168,6 +176,33 @@ def client_samples(p: Prepared) -> dict[str, tuple[Samples, Samples]]:
     return out
 
 
+def protocol_warnings(names: list[str], valid: list[int], tested: list[int], split: str) -> list[str]:
+    """What makes a protocol's numbers weak, from each client's numbers of validation samples and test
+    users: clients without either, and fewer than 100 test users in all (one hit then moves recall@K
+    by 1/n)."""
+    out = []
+    no_valid = [n for n, v in zip(names, valid, strict=True) if v == 0]
+    if no_valid:
+        out.append(f"{len(no_valid)} of {len(names)} clients have no validation samples ({', '.join(no_valid)}): "
+                   "they cannot select a round and keep their last validated one")
+    no_test = [n for n, t in zip(names, tested, strict=True) if t == 0]
+    if no_test:
+        out.append(f"{len(no_test)} of {len(names)} clients have no test users ({', '.join(no_test)}): they are "
+                   "missing from the per-client results and the spread across clients")
+    if sum(tested) < 100:
+        fix = ("eval.max_test_samples=null tests every user" if split == "leave-one-out"
+               else "split.method=leave-one-out tests every user")
+        out.append(f"only {sum(tested)} test users ({split} split): one hit moves recall@K by about "
+                   f"{1 / max(1, sum(tested)):.3f}, too little to tell algorithms apart; {fix}")
+    return out
+
+
+def client_counts(p: Prepared, samples: Samples) -> list[int]:
+    """How many of ``samples`` belong to each client."""
+    c = p.client_of(samples.user)
+    return np.bincount(c[c >= 0], minlength=p.num_clients).tolist()
+
+
 def pick_test(p: Prepared) -> Samples:
     s = p.samples.test
     return s.select(p.client_of(s.user) >= 0).subsample(p.config.eval.max_test_samples, p.config.seed + 2)
@@ -187,12 +222,14 @@ def catalogue(p: Prepared) -> tuple[list[str], str]:
     return p.dataset.items["title"].astype(str).tolist(), p.dataset.name
 
 
-def build_backbone(cfg: Config, titles: list[str], dataset: str) -> BIGRec | TextRanker:
+def build_backbone(cfg: Config, titles: list[str], dataset: str) -> BIGRec | TextRanker | ItemTokenRec:
     """Base LM + fresh LoRA adapter + the configured backbone around them, for the catalogue ``titles``
     of ``dataset`` (its name picks the prompt's wording)."""
     m = cfg.model
     prompt = Prompt.for_dataset(dataset, m.prompt_item, m.prompt_items, m.prompt_verb)
     tok, base = load_base(m.name_or_path, texts=[*titles, prompt.instruction(titles[:10])], seed=cfg.seed)
+    if m.blocks is not None:
+        truncate(base, m.blocks)
     model = add_lora(base, m.lora, seed=cfg.seed).to(pick_device(m.device))
     if cfg.storage.k is not None:
         from fellrec.storage.model import SplitLM
@@ -203,11 +240,35 @@ def build_backbone(cfg: Config, titles: list[str], dataset: str) -> BIGRec | Tex
             raise ConfigError(f"storage.k: {err}") from None
         model.server.grad_clip = cfg.train.grad_clip
     key = model_id(m.name_or_path, cfg.seed)
+    if m.backbone == "item-tokens":
+        try:
+            return ItemTokenRec(model, tok, titles, prompt, item_dim=m.item_dim, loss_positions=m.loss_positions,
+                                cache_mb=m.cache_mb, seed=cfg.seed, cache_key=key)
+        except ValueError as err:
+            raise ConfigError(f"storage.k: {err}") from None
     if m.backbone == "bigrec":
         return BIGRec(model, tok, titles, prompt, max_len=m.max_len, train_on_inputs=m.train_on_inputs,
                       num_beams=m.num_beams, max_new_tokens=m.max_new_tokens, cache_key=key)
     return TextRanker(model, tok, titles, prompt, max_len=m.max_len, pooling=m.pooling, item_side=m.item_side,
                       negatives=m.negatives, temperature=m.temperature, seed=cfg.seed, cache_key=key)
+
+
+def truncate(model, blocks: int) -> None:
+    """Keep only the first ``blocks`` blocks of a causal LM (``model.blocks``)."""
+    n = model.config.num_hidden_layers
+    if blocks > n:
+        raise ConfigError(f"model.blocks: {blocks} asked for, the model has {n} blocks")
+    model.model.layers = model.model.layers[:blocks]
+    model.config.num_hidden_layers = blocks
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:blocks]
+
+
+def private_names(cfg: Config, backbone) -> set[str]:
+    """The adapter tensors that stay on each client and are never sent (``model.item_vectors: private``)."""
+    if cfg.model.backbone == "item-tokens" and cfg.model.item_vectors == "private":
+        return {n for n in read_full(backbone.model) if n.startswith(backbone.private_names())}
+    return set()
 
 
 def warm_tables(backbone) -> None:
@@ -238,11 +299,12 @@ def selection_metric(cfg: Config) -> str:
     return select_by
 
 
-def trainer_options(cfg: Config, initial) -> dict:
+def trainer_options(cfg: Config, initial, kept: set[str] = frozenset()) -> dict:
     """The keyword arguments every client's AdapterTrainer gets (besides its id, backbone and data)."""
-    e = cfg.eval
+    e, m = cfg.eval, cfg.model
+    groups = {"items.": m.item_lr} if m.backbone == "item-tokens" and m.item_lr is not None else {}
     return {"settings": cfg.train, "initial": initial, "seed": cfg.seed, "select_by": selection_metric(cfg),
-            "ks": tuple(e.ks), "eval_batch_size": e.batch_size}
+            "ks": tuple(e.ks), "eval_batch_size": e.batch_size, "kept": kept, "group_lrs": groups}
 
 
 def client_test(p: Prepared, test: Samples, client: str) -> Samples:
@@ -258,7 +320,8 @@ def federated_run(cfg: Config, p: Prepared, test: Samples, out: Path, progress: 
     backbone = build_backbone(cfg, *catalogue(p))
     warm_tables(backbone)
     initial = read_full(backbone.model)
-    common = trainer_options(cfg, initial)
+    kept = private_names(cfg, backbone) if t.algorithm != "centralized" else set()
+    common = trainer_options(cfg, initial, kept)
     clients = {c: AdapterTrainer(c, backbone, train, valid, **common) for c, (train, valid) in data.items()}
     if t.algorithm == "centralized":
         pooled = concat([train for train, _ in data.values()])
@@ -269,7 +332,8 @@ def federated_run(cfg: Config, p: Prepared, test: Samples, out: Path, progress: 
                                            **common)}
     else:
         trainers = clients
-    strategy = make_strategy(t.algorithm, initial, list(trainers), prox_mu=t.prox_mu, **to_dict(cfg)["fellrec"])
+    shared = {k: v for k, v in initial.items() if k not in kept}
+    strategy = make_strategy(t.algorithm, shared, list(trainers), prox_mu=t.prox_mu, **to_dict(cfg)["fellrec"])
     runtime = EmbeddedRuntime(strategy, trainers, clients, rounds=t.rounds,
                               client_fraction=1.0 if t.algorithm == "centralized" else t.client_fraction,
                               eval_every=e.every, seed=cfg.seed, run_dir=out, progress=progress,
@@ -289,6 +353,8 @@ def federated_run(cfg: Config, p: Prepared, test: Samples, out: Path, progress: 
         bar.update(len(mine))
         save_tensors(out / "adapters" / f"client-{cid}.safetensors", trainer.best)
     bar.close()
+    if hasattr(backbone, "save_cache"):
+        backbone.save_cache()
     if strategy.global_tensors() is not None:
         save_tensors(out / "adapters" / "global.safetensors", strategy.global_tensors())
     extra = {

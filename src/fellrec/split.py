@@ -14,7 +14,9 @@ Splits (each keeps the interactions' time order, ties in file order):
 Samples (``build_samples``), as FELLRec's released preprocessing builds them:
 
 - train: one sample per position of a user's train sequence, history = the up-to-N items before it
-  (positions with no history are skipped);
+  (positions with no history are skipped); with ``train_stride`` s > 1, only every s-th position,
+  counted back from the last (s = N gives windows that do not overlap, for a backbone that learns
+  from every position of a sample);
 - valid: one per validation interaction of a user who has train data; history = the last N items
   before it (train items, then earlier validation items);
 - test: one per user who has train data and test interactions; history = the last N of the user's
@@ -152,7 +154,7 @@ class SampleSets:
     test: Samples
 
 
-def build_samples(sp: Split, history_len: int = 10) -> SampleSets:
+def build_samples(sp: Split, history_len: int = 10, train_stride: int = 1) -> SampleSets:
     train_seq = _sequences(sp.train)
     valid_seq = _sequences(sp.valid)
     test_seq = _sequences(sp.test)
@@ -161,6 +163,8 @@ def build_samples(sp: Split, history_len: int = 10) -> SampleSets:
     tr_u, tr_h, tr_t = [], [], []
     for u, seq in train_seq.items():
         for i in range(1, len(seq)):
+            if (len(seq) - 1 - i) % train_stride:  # every train_stride-th position, back from the last
+                continue
             tr_u.append(u)
             tr_h.append(seq[max(0, i - n):i])
             tr_t.append(seq[i:i + 1])

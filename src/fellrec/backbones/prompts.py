@@ -64,6 +64,10 @@ class Prompt:
                 f"{self.item} that the user likes to the user.")
         return f"{HEADER}\n\n### Instruction:\n{task}\n\n### Input:\n{self.history(titles)}\n\n### Response:\n"
 
+    def sequence_prefix(self) -> str:
+        """The few tokens before the item vectors of the item-token backbone ("Movies watched:")."""
+        return f"{self.items.capitalize()} {self.verb}:"
+
     @staticmethod
     def response(title: str) -> str:
         return f'"{title}"'

@@ -51,7 +51,15 @@ class SplitDecoder(torch.nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, use_cache: bool = False, **_) -> SimpleNamespace:
         pos = positions(attention_mask)
-        h = self.part.run_head(input_ids, attention_mask, pos)
+        return self._rest(self.part.run_head(input_ids, attention_mask, pos), attention_mask, pos)
+
+    def forward_from(self, hidden: Tensor, attention_mask: Tensor, start: int) -> SimpleNamespace:
+        """From hidden states at block ``start`` (<= k, on this client): the head's blocks from there,
+        the trunk, the tail (a backbone that feeds its own input vectors, ``fellrec.backbones.item_tokens``)."""
+        pos = positions(attention_mask)
+        return self._rest(self.part.run_head_from(hidden, attention_mask, pos, start), attention_mask, pos)
+
+    def _rest(self, h: Tensor, attention_mask: Tensor, pos: Tensor) -> SimpleNamespace:
         if torch.is_grad_enabled() and not h.requires_grad:
             # nothing trainable before the cut (k = 0, or no adapter there): a leaf that wants a
             # gradient still makes autograd call the trunk's backward, which trains the trunk adapter

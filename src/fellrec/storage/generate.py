@@ -88,7 +88,7 @@ def whole_model_step(model) -> Step:
     def step(ids: Tensor, mask: Tensor, pos: Tensor, beam_idx: Tensor | None) -> Tensor:
         if beam_idx is not None:
             cache.reorder_cache(beam_idx)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
         return out.logits[:, -1]
 
     return step

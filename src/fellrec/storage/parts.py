@@ -35,12 +35,12 @@ def run_blocks(blocks: nn.ModuleDict, config, rotary: nn.Module, hidden: Tensor,
         return hidden
     first = int(next(iter(blocks)))
     causal = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                past_key_values=cache, position_ids=position_ids,
+                                cache=cache, position_ids=position_ids,
                                 layer_idx=first if cache is not None else None)
     rope = rotary(hidden, position_ids=position_ids)
     for block in blocks.values():
         hidden = block(hidden, attention_mask=causal, position_embeddings=rope, position_ids=position_ids,
-                       past_key_values=cache, use_cache=cache is not None)
+                       cache=cache, use_cache=cache is not None)
     return hidden
 
 
@@ -61,6 +61,11 @@ class ClientPart(nn.Module):
     def run_head(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache=None) -> Tensor:
         hidden = self.embed_tokens(input_ids)
         return run_blocks(self.head, self.config, self.rotary_emb, hidden, attention_mask, position_ids, cache)
+
+    def run_head_from(self, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor, start: int) -> Tensor:
+        """Hidden states at block ``start`` (<= k) through the head blocks [start, k)."""
+        blocks = nn.ModuleDict({i: b for i, b in self.head.items() if int(i) >= start})
+        return run_blocks(blocks, self.config, self.rotary_emb, hidden, attention_mask, position_ids)
 
     def run_tail(self, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor, cache=None) -> Tensor:
         hidden = run_blocks(self.tail, self.config, self.rotary_emb, hidden, attention_mask, position_ids, cache)
@@ -108,7 +113,11 @@ def cut(model: nn.Module, k: int, tail: int = 1) -> tuple[ClientPart, TrunkPart]
 
 
 def whole_name(name: str) -> str:
-    """A part's parameter name (``head.3.self_attn...``) as named in the whole model's adapter."""
+    """A part's parameter name (``head.3.self_attn...``) as named in the whole model's adapter. A
+    trainable module that a backbone attached to the client's part outside the blocks keeps its
+    name (the item-token backbone's ``items.*``)."""
+    if name.startswith("items."):
+        return name
     group, index, rest = name.split(".", 2)
     if group not in ("head", "tail", "blocks"):
         raise ValueError(f"trainable tensor outside the blocks: {name}")

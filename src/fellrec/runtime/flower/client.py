@@ -100,7 +100,7 @@ class ClientNode:
     def __init__(self, config_text: str, client: str, root: Path):
         from fellrec.client import AdapterTrainer
         from fellrec.config import config_from_text
-        from fellrec.run import trainer_options
+        from fellrec.run import private_names, trainer_options
 
         cfg = config_from_text(config_text, f"run config {CONFIG_KEY}")
         self.cfg, self.client = cfg, client
@@ -109,7 +109,7 @@ class ClientNode:
         self.split = cfg.storage.k is not None
         self.backbone, self.initial = _backbone(config_text, cfg, self.data)
         self.trainer = AdapterTrainer(client, self.backbone, self.data["train"], self.data["valid"],
-                                      **trainer_options(cfg, self.initial))
+                                      **trainer_options(cfg, self.initial, private_names(cfg, self.backbone)))
         self.test_samples = self.data["test"]
 
     def _data(self) -> dict[str, Any]:
@@ -164,7 +164,8 @@ class ClientNode:
                   "steps-per-round": int(t.steps_per_round)}
         if self.split:  # the server builds the base model too: the tiny test model's tokenizer needs the titles
             info["titles"] = list(d["titles"])
-        return RecordDict({"arrays": to_arrays(self.initial), "info": ConfigRecord(info),
+        shared = {k: v for k, v in self.initial.items() if k not in self.trainer.kept}  # as the server starts
+        return RecordDict({"arrays": to_arrays(shared), "info": ConfigRecord(info),
                            "metrics": MetricRecord(counts)})
 
     def fit(self, msg: Message, context: Context | None = None) -> RecordDict:
@@ -203,7 +204,7 @@ class ClientNode:
         t = self.trainer
         scores = t.test(self.test_samples) if len(self.test_samples) else {}
         save_tensors(self.state.folder / "adapter.safetensors", t.best)
-        content = {"scores": to_arrays({k: _tensor(v) for k, v in scores.items()}),
+        content = {"scores": to_arrays({k: _tensor(v) for k, v in with_users(scores, self.test_samples).items()}),
                    "info": ConfigRecord({"client-id": self.client}),
                    "metrics": MetricRecord({"best-round": int(t.best_round)})}
         if bool(msg.content["config"].get("send-adapter", True)):
@@ -233,6 +234,12 @@ def _backbone(config_text: str, cfg, data: dict[str, Any]) -> tuple[Any, dict]:
             gc.collect()
         _BACKBONES[config_text] = (backbone, read_full(backbone.model))
     return _BACKBONES[config_text]
+
+
+def with_users(scores: dict, samples) -> dict:
+    """The per-user test scores and whose they are (``user``: the dataset's dense user ids), so that
+    the server can write test_users.csv and runs can be paired by user."""
+    return {**scores, "user": np.asarray(samples.user)} if scores else scores
 
 
 def _tensor(values: np.ndarray):

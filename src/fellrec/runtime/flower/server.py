@@ -230,8 +230,9 @@ def server_main(grid, context) -> None:
     rc = context.run_config
     cfg = config_from_text(str(rc["fellrec-config"]), "run config fellrec-config")
     t = cfg.train
-    if cfg.model.backbone not in ("ranker", "bigrec", "ctr"):
-        raise ConfigError(f"model.backbone: {cfg.model.backbone} does not run on Flower (ranker, bigrec and ctr do)")
+    if cfg.model.backbone not in ("item-tokens", "ranker", "bigrec", "ctr"):
+        raise ConfigError(f"model.backbone: {cfg.model.backbone} does not run on Flower (item-tokens, ranker, "
+                          "bigrec and ctr do)")
     if t.algorithm == "centralized" and cfg.model.backbone != "ctr":
         raise ConfigError("train.algorithm: centralized pools every client's data; it has no Flower form")
     if str(rc.get("run-dir", "")) == "":
@@ -248,9 +249,10 @@ def server_main(grid, context) -> None:
 def _serve(cfg, rc, out: Path, grid) -> None:
     """The rounds, the test and the results of one run, into ``out``."""
     from fellrec.config import to_dict
+    from fellrec.evaluate import test_summary
     from fellrec.files import save_tensors
-    from fellrec.metrics import summarize
-    from fellrec.run import finish, selection_metric
+    from fellrec.run import finish, protocol_warnings, selection_metric
+    from fellrec.rundir import write_test_users
     from fellrec.strategies import make_strategy
 
     t, e = cfg.train, cfg.eval
@@ -294,11 +296,16 @@ def _serve(cfg, rc, out: Path, grid) -> None:
             save_tensors(out / "adapters" / f"client-{c}.safetensors", from_arrays(content["arrays"]))
     if strategy.global_tensors() is not None:
         save_tensors(out / "adapters" / "global.safetensors", strategy.global_tensors())
+    per_user = {k: np.concatenate(v) for k, v in per_user.items()}
+    users = per_user.pop("user", np.zeros(0)).astype(np.int64)
+    client_of = np.concatenate(client_of)
     results = {
         "name": cfg.name, "algorithm": t.algorithm, "backbone": cfg.model.backbone,
         "dataset": info[clients[0]]["dataset"],
-        **summarize({k: np.concatenate(v) for k, v in per_user.items()}, np.concatenate(client_of)),
+        **test_summary(per_user, client_of),
         "client_names": {c: info[c]["name"] for c in clients},
+        "warnings": protocol_warnings([info[c]["name"] for c in clients], [info[c]["valid"] for c in clients],
+                                      [info[c]["test"] for c in clients], cfg.split.method),
         "communication": {
             "bytes_up": int(sum(runtime.bytes_up.values())), "bytes_down": int(sum(runtime.bytes_down.values())),
             "per_client": {c: {"bytes_up": runtime.bytes_up[c], "bytes_down": runtime.bytes_down[c]}
@@ -313,6 +320,7 @@ def _serve(cfg, rc, out: Path, grid) -> None:
                     **({"split": host.traffic} if host is not None else {})},
     }
     started -= runtime.restored_elapsed
+    write_test_users(out, per_user, client_of, users)
     finish(cfg, out, started, results)
     log.info("run finished: %s", json.dumps(results["overall"]))
 

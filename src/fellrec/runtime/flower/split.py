@@ -328,6 +328,8 @@ def install_public(node) -> None:
 def public_names(cfg) -> list[str]:
     if cfg.model.backbone == "bigrec":
         return ["item_emb"]
+    if cfg.model.backbone == "item-tokens":
+        return []  # its title vectors are the client's own token embeddings
     return ["items"] if cfg.model.item_side == "frozen" else []
 
 
@@ -387,7 +389,7 @@ def client_evaluate(node, msg: Message, limit: int) -> RecordDict:
 
 def client_test(node, msg: Message, limit: int) -> RecordDict:
     from fellrec.files import save_tensors
-    from fellrec.runtime.flower.client import _tensor
+    from fellrec.runtime.flower.client import _tensor, with_users
     from fellrec.runtime.flower.records import to_arrays
 
     session = Session.open(node.state.folder, node.client, msg)
@@ -401,7 +403,7 @@ def client_test(node, msg: Message, limit: int) -> RecordDict:
     if scores is None:
         return _reply(session, transport, node.client, None)
     save_tensors(node.state.folder / "adapter.safetensors", t.best)
-    content = {"scores": to_arrays({k: _tensor(v) for k, v in scores.items()}),
+    content = {"scores": to_arrays({k: _tensor(v) for k, v in with_users(scores, node.test_samples).items()}),
                "info": ConfigRecord({"client-id": node.client}),
                "metrics": MetricRecord({"best-round": int(t.best_round)})}
     if bool(config.get("send-adapter", True)):
