@@ -73,9 +73,10 @@ def close(a, b, path=""):
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
-def assert_same_run(flower_dir: Path, embedded_dir: Path) -> None:
+def assert_same_run(flower_dir: Path, embedded_dir: Path, private: tuple[str, ...] = ()) -> None:
     """The same run: losses and validation of every round, each client's selected round and adapter,
-    then the test metrics and the bytes (in this order, so a failure names its first cause)."""
+    then the test metrics and the bytes (in this order, so a failure names its first cause). Adapter
+    tensors named by a ``private`` prefix stay on the Flower clients (the embedded run writes them)."""
     close(lines(embedded_dir / "metrics.jsonl"), lines(flower_dir / "metrics.jsonl"), "metrics")
     res_e = json.loads((embedded_dir / "results.json").read_text())
     res_f = json.loads((flower_dir / "results.json").read_text())
@@ -84,12 +85,16 @@ def assert_same_run(flower_dir: Path, embedded_dir: Path) -> None:
     assert names == sorted(p.name for p in (flower_dir / "adapters").iterdir())
     for name in names:
         a, b = load_file(embedded_dir / "adapters" / name), load_file(flower_dir / "adapters" / name)
+        a = {k: v for k, v in a.items() if not (private and k.startswith(private))}
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{name} {k}")
-    for key in ("clients", "overall", "imbalance", "communication", "samples", "client_names",
-                "steps_per_round", "select_by", "algorithm", "rounds"):
+    for key in ("clients", "overall", "imbalance", "intervals", "warnings", "communication", "samples",
+                "client_names", "steps_per_round", "select_by", "algorithm", "rounds"):
         close(res_e[key], res_f[key], key)
+    # the same users with the same per-user metrics (the rows grouped by client on Flower)
+    rows_e, rows_f = ((d / "test_users.csv").read_text().splitlines() for d in (embedded_dir, flower_dir))
+    assert rows_e[0] == rows_f[0] and sorted(rows_e[1:]) == sorted(rows_f[1:])
 
 
 # ---- records and state --------------------------------------------------------------------------
@@ -146,6 +151,7 @@ class LocalGrid:
         self.dead: set[int] = set()
         self.inbox: dict[str, Message] = {}
         self.delivered: list[tuple[str, int]] = []
+        self.sent: list[tuple[str, set[str]]] = []
 
     def get_node_ids(self):
         return [n for n in self.nodes if n not in self.dead]
@@ -180,6 +186,9 @@ class LocalGrid:
                 self.on_deliver(self, m)
             if node not in self.dead:  # a node that died while it worked never sends its reply
                 out.append(answer)
+                if answer.has_content():  # the names of the tensors each reply carried
+                    self.sent.append((m.metadata.message_type, {k for name, rec in answer.content.array_records.items()
+                                                                for k in rec}))
         return out
 
 
@@ -237,6 +246,28 @@ def test_server_and_client_apps_reproduce_the_embedded_run(tmp_path, embedded, a
         kept = load_file(folder / f"client-{i}" / "adapter.safetensors")
         sent = load_file(tmp_path / "run" / "adapters" / f"client-{i}.safetensors")
         assert all(torch.equal(kept[k], sent[k]) for k in kept)
+
+
+ITEMS = [*THREE, "model.backbone=item-tokens", "split.method=leave-one-out", "split.history_len=6",
+         "split.train_stride=6", "model.lora.last_blocks=1", "train.lr=0.01"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm, vectors", [("fedavg", "shared"), ("fellrec", "private")])
+def test_the_item_token_backbone_over_flower_reproduces_the_embedded_run(tmp_path, algorithm, vectors):
+    sets = [*ITEMS, f"train.algorithm={algorithm}", f"model.item_vectors={vectors}", "name=items"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FELLREC_CACHE", str(tmp_path / "embedded-cache"))
+        expected = run(load_config(None, sets), tmp_path / "embedded", progress=False)
+    grid = serve(load_config(None, sets), tmp_path / "run", tmp_path)
+    private = ("items.x", "items.y", "items.bias")
+    assert_same_run(tmp_path / "run", expected, private if vectors == "private" else ())
+    trained = [names for kind, names in grid.sent if kind == "train"]
+    assert trained and all("items.w_in" in names for names in trained)
+    if vectors == "private":  # the per-item tensors never travelled, not even with the test's adapters
+        assert not any(k.startswith(private) for _, names in grid.sent for k in names)
+    else:
+        assert all(any(k.startswith(private) for k in names) for names in trained)
 
 
 @pytest.mark.slow

@@ -297,3 +297,15 @@ def test_private_item_vectors_never_leave_the_clients(tmp_path, private_cache):
     # each client's own per-item tensors differ (they were trained apart); the shared ones are the global ones
     c0, c1 = (load_file(kept / "adapters" / f"client-{c}.safetensors") for c in (0, 1))
     assert not torch.equal(c0["items.bias"], c1["items.bias"])
+
+
+def test_a_killed_item_token_run_resumes_to_the_same_results(tmp_path, private_cache):
+    from test_run import killed_run, same_results
+
+    from fellrec.cli import main
+
+    args = [a for s in [*RUN, "train.algorithm=fellrec", "model.lora.dropout=0.3", "name=x"] for a in ("--set", s)]
+    assert main(["run", "--quiet", "--runs-dir", str(tmp_path / "a"), *args]) == 0
+    killed_run(tmp_path / "b", args, "fellrec/client.py:AdapterTrainer.fit", 3)  # round 2, first client
+    assert main(["run", "--quiet", "--resume", str(tmp_path / "b" / "x")]) == 0
+    same_results(tmp_path / "a" / "x", tmp_path / "b" / "x")

@@ -208,7 +208,7 @@ class ClientNode:
                    "info": ConfigRecord({"client-id": self.client}),
                    "metrics": MetricRecord({"best-round": int(t.best_round)})}
         if bool(msg.content["config"].get("send-adapter", True)):
-            content["arrays"] = to_arrays(t.best)
+            content["arrays"] = to_arrays({k: v for k, v in t.best.items() if k not in t.kept})
         return RecordDict(content)
 
 
@@ -267,6 +267,15 @@ def node_for(context: Context):
     return _NODES[key]
 
 
+def keep_states(node, content: RecordDict) -> RecordDict:
+    """``content``, after writing the frozen blocks' states this message computed to the client's cache
+    (the item-token backbone): the next message, often a fresh process, starts with them."""
+    save = getattr(getattr(node, "backbone", None), "save_cache", None)
+    if save is not None:
+        save()
+    return content
+
+
 def reply(msg: Message, content: RecordDict) -> Message:
     return Message(content, reply_to=msg)
 
@@ -281,17 +290,20 @@ def handle_setup(msg: Message, context: Context) -> Message:
 
 def handle_train(msg: Message, context: Context) -> Message:
     """``train``, and in split mode ``train.split`` (the same exchange, one message further)."""
-    return reply(msg, node_for(context).fit(msg, context))
+    node = node_for(context)
+    return reply(msg, keep_states(node, node.fit(msg, context)))
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """``evaluate``, and in split mode ``evaluate.split``."""
-    return reply(msg, node_for(context).evaluate(msg, context))
+    node = node_for(context)
+    return reply(msg, keep_states(node, node.evaluate(msg, context)))
 
 
 def handle_test(msg: Message, context: Context) -> Message:
     """``evaluate.test``, and in split mode ``evaluate.test_split``."""
-    return reply(msg, node_for(context).test(msg, context))
+    node = node_for(context)
+    return reply(msg, keep_states(node, node.test(msg, context)))
 
 
 def handle_split_setup(msg: Message, context: Context) -> Message:

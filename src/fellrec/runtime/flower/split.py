@@ -407,7 +407,7 @@ def client_test(node, msg: Message, limit: int) -> RecordDict:
                "info": ConfigRecord({"client-id": node.client}),
                "metrics": MetricRecord({"best-round": int(t.best_round)})}
     if bool(config.get("send-adapter", True)):
-        content["arrays"] = to_arrays(t.best)
+        content["arrays"] = to_arrays({k: v for k, v in t.best.items() if k not in t.kept})
     return _reply(session, transport, node.client, content)
 
 
