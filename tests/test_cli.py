@@ -106,7 +106,7 @@ def test_stats_density_counts_distinct_pairs_and_shows_repeats(tmp_path, capsys)
     # user 1 rates item 1 three times: 5 interactions, 3 distinct pairs of 2 users x 2 items
     sets = ml_csv(tmp_path / "ml", ["1,1,4.0,10", "1,1,3.0,11", "1,2,4.0,12", "1,1,5.0,13", "2,1,4.0,14"])
     base = ["data", "stats", "--quiet", *sets, "--set", "data.kcore=0", "--set", "partition.method=user",
-            "--set", "split.method=leave-one-out"]
+            "--set", "split.method=per-user"]
     assert main(base) == 0
     out = capsys.readouterr().out
     assert "interactions   5  (3 distinct user-item pairs, density 75.0000%; 2 interactions repeat an earlier " \
@@ -119,7 +119,7 @@ def test_stats_density_counts_distinct_pairs_and_shows_repeats(tmp_path, capsys)
 def test_movie_without_title_is_a_note_on_the_terminal_not_an_error(tmp_path, capsys):
     sets = ml_csv(tmp_path / "ml", ["1,1,4.0,10", "1,2,4.0,11", "1,3,4.0,12", "2,1,4.0,13", "2,2,4.0,14"],
                   ["1,Heat (1995),Action", "2,,Comedy", "3, ,Comedy"])
-    args = [*sets, "--set", "data.kcore=0", "--set", "partition.method=user", "--set", "split.method=leave-one-out"]
+    args = [*sets, "--set", "data.kcore=0", "--set", "partition.method=user", "--set", "split.method=per-user"]
     note = ("2 items have no title and are named by their id instead ('item 2', ...); the first is at "
             f"{tmp_path / 'ml' / 'movies.csv'}:3")
     assert main(["data", "stats", "--quiet", *args]) == 0

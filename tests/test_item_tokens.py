@@ -300,9 +300,8 @@ def test_private_item_vectors_never_leave_the_clients(tmp_path, private_cache):
 
 
 def test_a_killed_item_token_run_resumes_to_the_same_results(tmp_path, private_cache):
-    from test_run import killed_run, same_results
-
     from fellrec.cli import main
+    from test_run import killed_run, same_results
 
     args = [a for s in [*RUN, "train.algorithm=fellrec", "model.lora.dropout=0.3", "name=x"] for a in ("--set", s)]
     assert main(["run", "--quiet", "--runs-dir", str(tmp_path / "a"), *args]) == 0

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from fellrec.data.tables import Dataset
+from fellrec.errors import ConfigError
 from fellrec.split import build_samples, filter_min_rating, kcore, split
 
 
@@ -69,13 +70,19 @@ def test_per_user_split_shares(small_dataset):
 
 
 def test_leave_one_out(small_dataset):
-    sp = split(small_dataset, "leave-one-out")
-    for u, seq in small_dataset.interactions.groupby("user"):
-        if len(seq) < 3:
-            assert (sp.test.user == u).sum() == 0
-            continue
+    ds = kcore(small_dataset, 3)
+    sp = split(ds, "leave-one-out")
+    for u, seq in ds.interactions.groupby("user"):
         assert sp.test[sp.test.user == u].index.tolist() == [seq.index[-1]]
         assert sp.valid[sp.valid.user == u].index.tolist() == [seq.index[-2]]
+    assert len(sp.test) == ds.num_users
+
+
+def test_leave_one_out_refuses_users_it_cannot_test():
+    with pytest.raises(ConfigError, match=r"split.method: leave-one-out tests every user on their last item, but "
+                                          r"1 user\(s\) have fewer than 3 interactions \(train, valid, test\), "
+                                          r"e.g. user 'c'; set data.kcore to 3 or more"):
+        split(tiny(), "leave-one-out")  # user c has 2 interactions
 
 
 def tiny() -> Dataset:

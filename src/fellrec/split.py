@@ -8,8 +8,8 @@ Splits (each keeps the interactions' time order, ties in file order):
   a timestamp therefore always land in the same part.
 - ``per-user`` (FedPA): each user's own sequence; the last ⌊r_test·n⌋ go to test, the ⌊r_valid·n⌋
   before them to valid, the rest to train.
-- ``leave-one-out``: each user's last interaction is test, the one before valid, the rest train
-  (users with fewer than 3 interactions keep all of them in train).
+- ``leave-one-out``: each user's last interaction is test, the one before valid, the rest train;
+  every user needs 3 interactions (a user with fewer is a ConfigError: raise ``data.kcore``).
 
 Samples (``build_samples``), as FELLRec's released preprocessing builds them:
 
@@ -99,7 +99,12 @@ def split(ds: Dataset, method: str = "temporal", ratios: tuple[float, ...] = (0.
         cuts = None
     elif method == "leave-one-out":
         pos, size = _positions(inter)
-        part = np.where(size < 3, 0, np.where(pos == size - 1, 2, np.where(pos == size - 2, 1, 0)))
+        short = np.unique(inter["user"].to_numpy()[size < 3])
+        if len(short):
+            raise ConfigError(f"split.method: leave-one-out tests every user on their last item, but {len(short)} "
+                              f"user(s) have fewer than 3 interactions (train, valid, test), e.g. user "
+                              f"{ds.users['user_id'].iloc[int(short[0])]!r}; set data.kcore to 3 or more")
+        part = np.where(pos == size - 1, 2, np.where(pos == size - 2, 1, 0))
         cuts = None
     else:
         raise ConfigError(f"split.method: unknown split {method!r}; "
