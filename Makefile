@@ -1,6 +1,7 @@
 # The two commands of the README. Both create (or reuse) .venv and install everything in it.
-#   make demo   set up, then run the default experiment (configs/demo.yaml: FedAvg and Local);
-#               run again, it shows the finished runs (or continues one that was cut short)
+#   make demo   set up, then run the default experiment (configs/demo.yaml: FedAvg and Local, then
+#               most-popular on the same users) and compare them; run again, it shows the finished
+#               runs (or continues one that was cut short)
 #   make test   set up, then lint (ruff) and run the whole test suite (pytest)
 
 PYTHON ?= python3
@@ -12,6 +13,9 @@ STAMP  := $(VENV)/.fellrec-installed
 
 demo: $(STAMP)
 	$(BIN)/fellrec run configs/demo.yaml --resume
+	$(BIN)/fellrec run configs/demo.yaml --resume --set name=demo-popular --set algorithms=[] \
+		--set train.algorithm=centralized --set model.backbone=most-popular
+	$(BIN)/fellrec compare runs/demo-fedavg runs/demo-local runs/demo-popular
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -487,3 +487,12 @@ def test_fedpa_baselines_over_flower_reproduce_the_embedded_runs(tmp_path, monke
     assert res_f["algorithm"] == f"fedpa:{algorithm}" and res_f["rounds"] == (0 if algorithm == "frozen" else 2)
     for key in ("overall", "valid", "best_round", "per_round", "communication"):
         close(res_e[key], res_f[key], key)
+
+
+@pytest.mark.slow
+def test_split_item_tokens_over_flower_reproduce_the_embedded_split_run(tmp_path):
+    sets = [*ITEMS, "train.rounds=1", "storage.k=0", "model.lora.dropout=0", "model.lora.last_blocks=null",
+            "train.algorithm=fedavg", "name=split-items"]
+    expected = embedded_split_run(tmp_path / "embedded", sets)
+    serve(load_config(None, sets), tmp_path / "run", tmp_path)
+    assert_same_run(tmp_path / "run", expected)

@@ -206,3 +206,31 @@ def test_split_bigrec_run_generates_and_grounds(tmp_path, monkeypatch):
     out = run(cfg, tmp_path, progress=False)
     r = json.loads((out / "results.json").read_text())
     assert r["samples"]["test"] == 6 and all(0 <= v["recall@20"] <= 1 for v in r["clients"].values())
+
+
+def test_split_item_token_run_trains_like_the_whole_model(tmp_path, monkeypatch):
+    """The item-token backbone split at k = 0 (LoRA on both blocks of the tiny model, the items enter at
+    the input, on the client; block 0 is the trunk): the same losses and metrics as unsplit, and the
+    trunk's LoRA does not travel."""
+    import json
+
+    from fellrec.config import load_config
+    from fellrec.run import run
+
+    monkeypatch.setenv("FELLREC_CACHE", str(tmp_path / "cache"))
+    sets = ["model.name_or_path=tiny-random", "model.backbone=item-tokens", "partition.method=attribute",
+            "partition.attribute=gender", "split.method=leave-one-out", "split.history_len=6",
+            "split.train_stride=6", "train.batch_size=8", "train.local_steps=2", "eval.max_valid_samples=8",
+            "eval.max_test_samples=30", "train.rounds=2", "train.algorithm=fedavg", "train.grad_clip=0",
+            "train.lr=0.01"]
+    whole = run(load_config(None, [*sets, "name=whole"]), tmp_path, progress=False)
+    split = run(load_config(None, [*sets, "name=split", "storage.k=0"]), tmp_path, progress=False)
+    lw, ls = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (whole, split))
+    for a, b in zip(lw, ls, strict=True):
+        for c in a["train"]:
+            assert b["train"][c]["loss"] == pytest.approx(a["train"][c]["loss"], abs=1e-4)
+            assert b["train"][c]["split_bytes_up"] > 0
+            assert b["bytes_up"][c] < a["bytes_up"][c]  # the trunk's LoRA stays on the server
+    rw, rs = (json.loads((d / "results.json").read_text()) for d in (whole, split))
+    for m in ("recall@10", "ndcg@10"):
+        assert rs["overall"][m] == pytest.approx(rw["overall"][m], abs=1e-6)
