@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from fellrec.backbones import text
 from fellrec.backbones.prompts import Prompt
 from fellrec.split import Samples
-from fellrec.storage.parts import run_blocks
+from fellrec.storage.parts import positions, run_blocks
 from fellrec.train import inference
 
 PRIVATE = ("items.x", "items.y", "items.bias")  # the per-item tensors
@@ -254,7 +254,7 @@ class ItemTokenRec:
             x[:, P:] = torch.where((sub[:, P:] >= 0).unsqueeze(-1), self.e[sub[:, P:].clamp(min=0)], 0.0)
             sub_mask = mask[missing]
             with torch.no_grad():
-                low = self.stack.lower(x, sub_mask, _positions(sub_mask), self.cut)
+                low = self.stack.lower(x, sub_mask, positions(sub_mask), self.cut)
             for j, b in enumerate(missing):
                 states[b, :lengths[b]] = low[j, :lengths[b]]
                 self.cache.put(names[b], low[j, :lengths[b]])
@@ -273,7 +273,7 @@ class ItemTokenRec:
         on = items >= 0
         add = self.head.inputs(self.e[items.clamp(min=0)], items.clamp(min=0))
         h = h + add * on.unsqueeze(-1)
-        return self.stack.upper(h, mask, _positions(mask), self.cut), mask, items
+        return self.stack.upper(h, mask, positions(mask), self.cut), mask, items
 
     def item_table(self) -> Tensor:
         return self.head.table(self.e_out)
@@ -303,7 +303,3 @@ class ItemTokenRec:
             u, _, items = self.states(batch)
             last = (items >= 0).sum(1) + len(self.prefix_ids) - 1
             return self.scores(u[torch.arange(len(batch), device=u.device), last])
-
-
-def _positions(mask: Tensor) -> Tensor:
-    return torch.arange(mask.shape[1], device=mask.device).unsqueeze(0).expand_as(mask)
