@@ -18,6 +18,7 @@ from fellrec.cli import main
 from fellrec.config import dump, load_config
 from fellrec.errors import ConfigError
 from fellrec.run import run
+from fellrec.rundir import read_test_users
 
 FAST = ["model.name_or_path=tiny-random", "partition.method=attribute", "partition.attribute=gender",
         "train.batch_size=4", "train.local_steps=2", "train.max_train_samples=64", "eval.max_valid_samples=12",
@@ -40,7 +41,7 @@ def test_fedavg_run_writes_every_output(tmp_path, backbone):
                              "train.rounds=2", *extra])
     out = run(cfg, runs_dir=tmp_path / "runs", progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["adapters", "config.yaml", "metrics.jsonl", "plots",
-                                                     "report.md", "results.json"]
+                                                     "report.md", "results.json", "test_users.csv"]
     assert load_config(out / "config.yaml") == cfg
     rounds = lines(out / "metrics.jsonl")
     assert [r["round"] for r in rounds] == [1, 2]
@@ -59,6 +60,9 @@ def test_fedavg_run_writes_every_output(tmp_path, backbone):
     assert res["select_by"] == select_by and set(res["best_round"].values()) <= {1, 2}
     assert res["client_names"] == {"0": "F", "1": "M"} and res["time_s"] >= res["train_time_s"] > 0
     assert res["samples"]["test"] == 30 == sum(c["n"] for c in res["clients"].values())
+    users = read_test_users(out)  # one row per test user, whose means are the overall metrics
+    assert all(len(v) == 30 for v in users.values())
+    assert np.mean(list(users["recall@10"].values())) == pytest.approx(res["overall"]["recall@10"])
     for metric in ("recall@10", "ndcg@20", "hit@5", "mrr@10"):
         per_client = [c[metric] for c in res["clients"].values()]
         weights = [c["n"] for c in res["clients"].values()]
@@ -73,7 +77,8 @@ def test_fedavg_run_writes_every_output(tmp_path, backbone):
         chosen = load_file(out / "adapters" / f"client-{c}.safetensors")
         if res["best_round"][c] == 2:
             assert all(torch.equal(chosen[k], final[k]) for k in final)
-    assert sorted(p.name for p in (out / "plots").iterdir()) == ["clients.png", "convergence.png", "imbalance.png"]
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["clients.png", "convergence.png", "imbalance.png",
+                                                                    "learning.png"]
     assert "# Run r" in (out / "report.md").read_text()
 
 

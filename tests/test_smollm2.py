@@ -1,8 +1,11 @@
 """The packaged SmolLM2-135M-Instruct with LoRA, on real ML-100K samples (CI installs both)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fellrec.adapters import add_lora
 from fellrec.backbones.bigrec import BIGRec
@@ -77,11 +80,17 @@ def test_fedavg_round_on_smollm2_end_to_end(tmp_path):
     (r,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert r["clients"] == ["0", "1", "2", "3", "4"]
     assert all(np.isfinite(t["loss"]) and t["steps"] == 1 for t in r["train"].values())
-    # one LoRA adapter of SmolLM2 (r=8 on q and v of 30 layers) each way per client
-    params = 30 * (8 * 576 + 576 * 8 + 8 * 576 + 192 * 8)
-    assert all(params * 4 < b < params * 4 + 20_000 for b in r["bytes_up"].values())
+    # what travels each way is the adapter: LoRA r=8 on q,k,v,o of the last 4 of 16 blocks (k and v
+    # project 576 -> 192) and the item-token head, exactly the global adapter's safetensors file
+    final = load_file(out / "adapters" / "global.safetensors")
+    lora = {k: v for k, v in final.items() if "lora_" in k}
+    assert sum(v.numel() for v in lora.values()) == 4 * 8 * (4 * 576 + 576 + 192 + 192 + 576)  # 4 A's, then B's
+    assert {int(k.split(".layers.")[1].split(".")[0]) for k in lora} == {12, 13, 14, 15}
+    size = os.path.getsize(out / "adapters" / "global.safetensors")
+    assert r["bytes_up"] == r["bytes_down"] == {c: size for c in r["clients"]}
     res = json.loads((out / "results.json").read_text())
     assert res["samples"]["test"] == 10 and (out / "report.md").exists()
+    assert ["only 10 test users" in w for w in res["warnings"]] == [True]
 
 
 def test_split_smollm2_matches_the_whole_model(setting):

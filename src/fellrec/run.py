@@ -91,12 +91,11 @@ def run(cfg: Config, runs_dir: str | Path = "runs", progress: bool = True, resum
         test = pick_test(p)
         warnings = protocol_warnings(list(p.partition.names), client_counts(p, p.samples.valid),
                                      client_counts(p, test), cfg.split.method)
-        for w in warnings:
-            print(f"fellrec: warning: {w}", file=sys.stderr, flush=True)
         if cfg.model.backbone in ("most-popular", "sasrec"):
+            warn(warnings)
             per_user, extra = reference_run(cfg, p, test, out, progress)
-        else:
-            per_user, extra = federated_run(cfg, p, test, out, progress)
+        else:  # warns once the backbone is built, so that a start that fails says only why
+            per_user, extra = federated_run(cfg, p, test, out, progress, warnings)
             started -= extra.pop("earlier_s")  # a resumed run counts the rounds of the processes before
         results = {
             "name": cfg.name,
@@ -174,6 +173,12 @@ def client_samples(p: Prepared) -> dict[str, tuple[Samples, Samples]]:
     if sum(len(t) for t, _ in out.values()) == 0:
         raise ConfigError("data: no training samples left after filtering and splitting")
     return out
+
+
+def warn(warnings) -> None:
+    """Print each warning on stderr, one line each."""
+    for w in warnings:
+        print(f"fellrec: warning: {w}", file=sys.stderr, flush=True)
 
 
 def protocol_warnings(names: list[str], valid: list[int], tested: list[int], split: str) -> list[str]:
@@ -312,12 +317,13 @@ def client_test(p: Prepared, test: Samples, client: str) -> Samples:
     return test.take(np.flatnonzero(p.client_of(test.user) == int(client)))
 
 
-def federated_run(cfg: Config, p: Prepared, test: Samples, out: Path, progress: bool):
+def federated_run(cfg: Config, p: Prepared, test: Samples, out: Path, progress: bool, warnings=()):
     """Train with the configured algorithm in the embedded runtime; test each client's selected adapter."""
     t, e = cfg.train, cfg.eval
     select_by = selection_metric(cfg)
     data = client_samples(p)
     backbone = build_backbone(cfg, *catalogue(p))
+    warn(warnings)
     warm_tables(backbone)
     initial = read_full(backbone.model)
     kept = private_names(cfg, backbone) if t.algorithm != "centralized" else set()

@@ -28,7 +28,9 @@ def interval(values, *, level: float = LEVEL, resamples: int = RESAMPLES, seed: 
     """(low, high) of the percentile bootstrap interval of the mean of ``values`` (NaN dropped);
     (nan, nan) with fewer than two values."""
     x = np.asarray(values, dtype=np.float64).reshape(-1)
-    x = x[~np.isnan(x)]
+    # sorted, so that the interval depends on the values and not on the order the users came in
+    # (a Flower server gathers them client by client, an embedded run in its own order)
+    x = np.sort(x[~np.isnan(x)])
     if x.size < 2:
         return float("nan"), float("nan")
     if np.all(x == x[0]):  # no spread to resample (scipy would warn and return NaN)
