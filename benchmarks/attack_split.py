@@ -13,7 +13,7 @@ trunk's output, the input of block 29 (the client's tail block). Two client adap
 - random: B ~ N(0, ``--b-std``²) on every adapted layer, unknown to the attacker (0.02 moves the
   states by about as much as the demo's trained client adapters do; the script prints by how much).
 
-Attacks (``fellrec.storage.attacks``), victims drawn once with ``--seed`` from the test users:
+Attacks (``benchmarks/split_attacks.py``), victims drawn once with ``--seed`` from the test users:
 
 - learned: per layer a linear decoder trained on ``--attacker-prompts`` prompts of random histories
   of attacker-owned titles (catalogue items in no test user's history), run through the base model;
@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import split_attacks as A
 import torch
 
 from fellrec.adapters import add_lora, get_adapter, set_adapter
@@ -47,7 +48,6 @@ from fellrec.config import LoraConfig, load_config
 from fellrec.files import atomic
 from fellrec.llm import SMOLLM2, load_base
 from fellrec.pipeline import prepare
-from fellrec.storage import attacks as A
 
 ADAPTERS = ("fresh", "random")
 

@@ -5,7 +5,7 @@
 For each dataset (run in a child process of its own, so that peak memory is per scenario):
 
 - ``fellrec``: FedPA over one shared FedPAModel (per-client state = small tensors), driven by
-  ``EmbeddedRuntime`` (local training, aggregation, validation of every client, a checkpoint each
+  ``fellrec.runtime.embedded`` (local training, aggregation, validation of every client, a checkpoint each
   round); per-round seconds from its ``metrics.jsonl``, plus the training part alone (fit of every
   client + aggregation) timed separately;
 - ``deepcopy``: the released code's approach for the training part: each client, each round,
@@ -42,7 +42,7 @@ from torch import nn
 from fellrec.data.tables import Dataset
 from fellrec.fedpa import build_features, build_federation, select_public, split_users
 from fellrec.fedpa.model import CTRModel
-from fellrec.runtime.embedded import EmbeddedRuntime
+from fellrec.runtime.embedded import embedded
 
 GROUPS = ("gender", "age")
 
@@ -154,7 +154,7 @@ def scenario(name: str, rounds: int, synthetic_users: int) -> dict:
 
     fed = build_federation(ds, feats, sp, base, algorithm="fedpa", group_attributes=GROUPS, lr=0.1)
     with tempfile.TemporaryDirectory() as tmp:
-        EmbeddedRuntime(fed.strategy, fed.trainers, fed.trainers, rounds=rounds, client_fraction=1.0,
+        embedded(fed.strategy, fed.trainers, fed.trainers, rounds=rounds, client_fraction=1.0,
                         eval_every=1, seed=0, run_dir=Path(tmp), progress=False).run()
         times = [json.loads(line)["time_s"] for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
         ckpt_mb = (Path(tmp) / "checkpoint.safetensors").stat().st_size / 2**20

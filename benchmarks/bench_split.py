@@ -31,10 +31,44 @@ from fellrec.backbones.prompts import Prompt
 from fellrec.config import LoraConfig, load_config
 from fellrec.llm import SMOLLM2, load_base
 from fellrec.pipeline import prepare
-from fellrec.storage.client import SplitDecoder
+from fellrec.storage.decoder import SplitDecoder
 from fellrec.storage.parts import cut
-from fellrec.storage.server import TrunkServer
-from fellrec.storage.transport import PipeTransport, serve
+from fellrec.storage.transport import Message, Server, decode, encode
+from fellrec.storage.trunk import TrunkServer
+
+
+class PipeTransport:
+    """Carries messages over a ``multiprocessing`` connection to a server in another process
+    (``serve``), counting bytes and the time spent waiting for replies."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.bytes_up = self.bytes_down = self.messages = 0
+        self.wait_s = 0.0
+
+    def send(self, message: Message) -> Message:
+        up = encode(message)
+        started = time.perf_counter()
+        self.conn.send_bytes(up)
+        down = self.conn.recv_bytes()
+        self.wait_s += time.perf_counter() - started
+        self.bytes_up += len(up)
+        self.bytes_down += len(down)
+        self.messages += 1
+        return decode(down)
+
+    def close(self) -> None:
+        self.conn.send_bytes(encode(Message("stop", "", 0)))
+        self.conn.close()
+
+
+def serve(conn, server: Server) -> None:
+    """Answer messages from ``conn`` with ``server`` until a ``stop`` message."""
+    while True:
+        message = decode(conn.recv_bytes())
+        if message.kind == "stop":
+            return
+        conn.send_bytes(encode(server.handle(message)))
 
 
 def lora_model():

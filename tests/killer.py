@@ -1,6 +1,6 @@
 """Run the fellrec command and SIGKILL it at the N-th call of one function, as a power cut would.
 
-    DIE_IN=fellrec/client.py:AdapterTrainer.test DIE_AT_CALL=1 python tests/killer.py run ...
+    DIE_IN=fellrec/trainer.py:AdapterTrainer.test DIE_AT_CALL=1 python tests/killer.py run ...
 
 The function is found by its source file's ending and its qualified name, through a profile hook
 that watches calls: nothing in the program is replaced, so the code that runs is the real one.

@@ -182,7 +182,7 @@ def test_resume_after_a_kill_mid_round_ends_like_an_uninterrupted_run(tmp_path, 
     assert main(["run", "--quiet", "--runs-dir", str(tmp_path / "a"), "--set", "name=x", *args]) == 0
 
     # 2 clients: dies in round 2, at the 2nd client's local training
-    killed_run(tmp_path / "b", ["--set", "name=x", *args], "fellrec/client.py:AdapterTrainer.fit", 4)
+    killed_run(tmp_path / "b", ["--set", "name=x", *args], "fellrec/trainer.py:AdapterTrainer.fit", 4)
     cut = tmp_path / "b" / "x"
     assert (cut / "checkpoint.safetensors").exists() and not (cut / "results.json").exists()
     assert [r["round"] for r in lines(cut / "metrics.jsonl")] == [1]
@@ -209,7 +209,7 @@ NOISY = [*FAST, "model.lora.dropout=0.5", "train.lr=0.05", "train.rounds=2", "na
 def test_resume_after_a_kill_in_the_test_phase_gives_the_same_results(tmp_path):
     args = [a for s in NOISY for a in ("--set", s)]
     assert main(["run", "--quiet", "--runs-dir", str(tmp_path / "a"), *args]) == 0
-    killed_run(tmp_path / "b", args, "fellrec/client.py:AdapterTrainer.test", 2)  # the second client's test
+    killed_run(tmp_path / "b", args, "fellrec/trainer.py:AdapterTrainer.test", 2)  # the second client's test
     cut = tmp_path / "b" / "x"
     assert (cut / "checkpoint.safetensors").exists() and not (cut / "results.json").exists()
     assert main(["run", "--quiet", "--resume", str(cut)]) == 0
@@ -220,10 +220,10 @@ def test_resume_after_a_kill_in_the_test_phase_gives_the_same_results(tmp_path):
 def test_scores_do_not_depend_on_the_mode_the_model_was_left_in(tmp_path, backbone):
     """Scoring straight after building the backbone (a resumed run, a Flower message) or after
     training gives the same numbers: every scoring path runs in eval mode, without gradients."""
-    from fellrec.client import AdapterTrainer
     from fellrec.pipeline import prepare
     from fellrec.run import build_backbone, catalogue, pick_test, read_full, trainer_options
     from fellrec.strategies import Payload
+    from fellrec.trainer import AdapterTrainer
 
     cfg = load_config(None, [*NOISY, f"model.backbone={backbone}", "model.num_beams=2", "model.max_new_tokens=6",
                              "eval.select_by=recall@10"])
@@ -325,11 +325,11 @@ def test_a_failed_start_leaves_no_run_folder(tmp_path, capsys, settings, message
 
 def test_a_failed_start_of_a_resumed_run_keeps_its_checkpoint(tmp_path):
     args = [a for s in [*FAST, "train.rounds=2", "name=x"] for a in ("--set", s)]
-    killed_run(tmp_path, args, "fellrec/client.py:AdapterTrainer.fit", 3)  # in round 2
+    killed_run(tmp_path, args, "fellrec/trainer.py:AdapterTrainer.fit", 3)  # in round 2
     cut = tmp_path / "x"
     before = sorted(p.name for p in cut.iterdir())
     assert "checkpoint.safetensors" in before
-    killed_run(tmp_path, ["--resume", str(cut)], "fellrec/client.py:AdapterTrainer.fit", 1)
+    killed_run(tmp_path, ["--resume", str(cut)], "fellrec/trainer.py:AdapterTrainer.fit", 1)
     assert sorted(p.name for p in cut.iterdir()) == before
 
 

@@ -191,6 +191,8 @@ def cmd_flower_run(args) -> None:
     from fellrec.runtime.flower import deploy
 
     configs = per_algorithm(_config(args))
+    for cfg in configs:
+        cfg.check_flower()
     _check_simulation_options(args)
     if args.simulation:
         import signal

@@ -345,6 +345,15 @@ class Config:
             bad("data.domains", f"every domain needs a distinct name, got {names}")
         return problems
 
+    def check_flower(self) -> None:
+        """Raise ``ConfigError`` where this config has no Flower form (checked before a run is submitted,
+        and again by the ServerApp)."""
+        if self.model.backbone not in ("item-tokens", "ranker", "bigrec", "ctr"):
+            raise ConfigError(f"model.backbone: {self.model.backbone} does not run on Flower (item-tokens, ranker, "
+                              "bigrec and ctr do)")
+        if self.train.algorithm == "centralized" and self.model.backbone != "ctr":
+            raise ConfigError("train.algorithm: centralized pools every client's data; it has no Flower form")
+
 
 # ---- loading ----------------------------------------------------------------------------------
 

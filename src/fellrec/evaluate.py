@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from fellrec.holdout import Samples
 from fellrec.metrics import rank_metrics, summarize
-from fellrec.split import Samples
 from fellrec.stats import intervals
 
 

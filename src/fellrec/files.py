@@ -3,12 +3,15 @@ a crash never leaves a half-written file in place of a good one."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from torch import Tensor
 
 
@@ -56,3 +59,16 @@ def remove_temporaries(folder: str | Path) -> list[Path]:
             path.unlink()
             gone.append(path)
     return gone
+
+
+def plain(value: Any) -> Any:
+    """JSON-ready: NaN becomes None (JSON has no NaN), numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

@@ -22,8 +22,8 @@ from fellrec.data.io import BadLines
 from fellrec.data.registry import load_dataset
 from fellrec.data.tables import Dataset, concat_domains
 from fellrec.errors import DataError
+from fellrec.holdout import SampleSets, Split, build_samples, filter_min_rating, kcore, split
 from fellrec.partition import Partition, make_partition
-from fellrec.split import SampleSets, Split, build_samples, filter_min_rating, kcore, split
 
 
 @dataclass

@@ -644,7 +644,7 @@ def _test_set(run: Run) -> tuple:
 def paired_rows(runs: Sequence[Run], metrics: Sequence[str]) -> tuple[list[str], list[list[str]]]:
     """Every two runs with per-user test results (test_users.csv) on the same test set: A − B of each
     metric over the users both tested, with its bootstrap interval."""
-    from fellrec.rundir import read_test_users
+    from fellrec.results import read_test_users
     from fellrec.stats import paired_difference
 
     per_user = {id(r): read_test_users(r.path) for r in runs}

@@ -11,16 +11,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fellrec.files import remove_temporaries, write_text
+from fellrec.files import plain, remove_temporaries, write_text
+from fellrec.results import write_test_users
 from fellrec.runtime.checkpoint import NAME as CHECKPOINT
 
-RESULTS, REPORT, CONFIG, TEST_USERS = "results.json", "report.md", "config.yaml", "test_users.csv"
+RESULTS, REPORT, CONFIG = "results.json", "report.md", "config.yaml"
 
 
 def is_finished(out: Path) -> bool:
@@ -64,6 +67,17 @@ def _remove_start(out: Path, created_folder: bool, had: dict[str, bool]) -> None
             path.unlink()
 
 
+def finish(out: Path, started: float, results: dict, test_users: tuple | None = None) -> Path:
+    """The end of every run: ``test_users.csv`` (``test_users``: per-user metrics, each user's client,
+    the users), ``results.json`` with the run's whole time, then ``complete``."""
+    out = Path(out)
+    if test_users is not None:
+        write_test_users(out, *test_users)
+    results["time_s"] = round(time.time() - started, 1)
+    write_text(out / RESULTS, json.dumps(plain(results), indent=2))
+    return complete(out)
+
+
 def complete(out: Path) -> Path:
     """Finish the files of a finished run whose process was killed before it was done: temporary
     files removed, the checkpoint deleted, the report and plots written."""
@@ -78,33 +92,3 @@ def complete(out: Path) -> Path:
     return out
 
 
-def write_test_users(out: Path, per_user: dict, client_of, users) -> Path:
-    """``test_users.csv``: one row per test user (``user``: the dataset's dense user id, ``client``,
-    then every metric; empty where the user has no ground truth). Runs on the same data share these
-    ids, so ``fellrec compare`` pairs their users."""
-    import numpy as np
-
-    names = list(per_user)
-    lines = [",".join(["user", "client", *names])]
-    values = [np.asarray(per_user[m], dtype=float) for m in names]
-    for i, (u, c) in enumerate(zip(users, client_of, strict=True)):
-        cells = ["" if np.isnan(v[i]) else repr(float(v[i])) for v in values]
-        lines.append(",".join([str(int(u)), str(int(c)), *cells]))
-    return write_text(Path(out) / TEST_USERS, "\n".join(lines) + "\n")
-
-
-def read_test_users(out: Path) -> dict[str, dict[int, float]] | None:
-    """metric -> {user: value} from a run's ``test_users.csv`` (None when the run has none)."""
-    path = Path(out) / TEST_USERS
-    if not path.exists():
-        return None
-    rows = path.read_text(encoding="utf-8").splitlines()
-    names = rows[0].split(",")[2:]
-    out_: dict[str, dict[int, float]] = {m: {} for m in names}
-    for row in rows[1:]:
-        cells = row.split(",")
-        user = int(cells[0])
-        for m, cell in zip(names, cells[2:], strict=True):
-            if cell:
-                out_[m][user] = float(cell)
-    return out_

@@ -1,7 +1,7 @@
 """The one training loop: optimizer steps of a backbone's loss over shuffled samples.
 
 Every algorithm trains through ``train_steps``: each client's local training in a federated round
-(``fellrec.client``), and the pooled trainer of the centralized upper bound.
+(``fellrec.trainer``), and the pooled trainer of the centralized upper bound.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fellrec.config import TrainConfig
-from fellrec.split import Samples
+from fellrec.holdout import Samples
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, total_steps: int, warmup: bool = True):

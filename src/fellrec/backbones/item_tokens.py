@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from fellrec.backbones import text
 from fellrec.backbones.prompts import Prompt
-from fellrec.split import Samples
+from fellrec.holdout import Samples
 from fellrec.storage.parts import positions, run_blocks
 from fellrec.train import inference
 

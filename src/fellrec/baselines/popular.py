@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fellrec.split import Samples
+from fellrec.holdout import Samples
 
 
 class MostPopular:

@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 
 from fellrec.baselines.common import pad_histories
 from fellrec.evaluate import evaluate
+from fellrec.holdout import Samples
 from fellrec.metrics import METRIC_NAMES
-from fellrec.split import Samples
 
 
 @dataclass

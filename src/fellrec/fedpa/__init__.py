@@ -12,11 +12,11 @@ research/fedpa.md holds the notes this follows. Pieces:
 The server side is ``fellrec.strategies.fedpa.FedPA``.
 """
 
-from fellrec.fedpa.client import ALGORITHMS, Federation, FedPATrainer, build_federation, pooled_selection
 from fellrec.fedpa.features import FeatureTable, UserSplit, build_features, select_public, split_users
 from fellrec.fedpa.metrics import ctr_metrics
 from fellrec.fedpa.model import CTRModel, FedPAModel
 from fellrec.fedpa.pretrain import load_pretrained, pretrain, save_pretrained
+from fellrec.fedpa.trainer import ALGORITHMS, Federation, FedPATrainer, build_federation, pooled_selection
 
 __all__ = [
            "ALGORITHMS",

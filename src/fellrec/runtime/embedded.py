@@ -1,133 +1,29 @@
-"""The embedded runtime (the default): every client in this process, over ONE base model.
-
-A round, for the clients drawn for it:
-
-    payload = strategy.configure_fit(round, client)      # tensors down
-    update  = trainers[client].fit(payload, round)       # local training; tensors up
-    strategy.aggregate(round, updates)
-    every eval.every rounds and after the last: each client validates strategy.configure_evaluate(client)
-    one line to metrics.jsonl, then a checkpoint
-
-Bytes are measured as the size of the safetensors serialisation of the tensors that travel (what a
-real transport would carry; the Flower runtime sends the same tensors). After a crash, ``run``
-continues from the last checkpoint: the round in progress is repeated from its start, and since a
-client's round is seeded by (seed, round, client), the run ends as an uninterrupted one would.
-"""
+"""The embedded runtime (the default): every client in this process, over ONE base model (each client
+loads its adapter into it before it works), driven by ``fellrec.runtime.rounds.Rounds``."""
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from safetensors.torch import save as serialise
 from tqdm.auto import tqdm
 
-from fellrec.runtime.checkpoint import load_checkpoint, save_checkpoint, section
-from fellrec.strategies import ClientUpdate, Payload, Strategy, Tensors
+from fellrec.runtime.rounds import Rounds
+from fellrec.strategies import ClientUpdate, Payload, Strategy
 
 
-def payload_bytes(tensors: Tensors) -> int:
-    """Size of ``tensors`` serialised as safetensors (0 when nothing travels)."""
-    if not tensors:
-        return 0
-    return len(serialise({k: v.contiguous() for k, v in tensors.items()}))
-
-
-def clients_for_round(clients: list[str], fraction: float, seed: int, rnd: int) -> list[str]:
-    """The clients that train in round ``rnd``: all, or a seeded draw of ceil(fraction·M)."""
-    if fraction >= 1.0:
-        return list(clients)
-    k = max(1, math.ceil(fraction * len(clients)))
-    rng = np.random.default_rng([seed, rnd])
-    return [clients[i] for i in sorted(rng.choice(len(clients), size=k, replace=False))]
-
-
-def plain(value: Any) -> Any:
-    """JSON-ready: NaN becomes None (JSON has no NaN), numpy scalars become Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
-class EmbeddedRuntime:
-    """Drives ``strategy`` over ``trainers`` for ``rounds`` rounds, logging into ``run_dir``.
+class InProcess:
+    """The clients' trainers in this process, one after the other.
 
     ``evaluators`` validate and test; they are the trainers themselves except in the centralized
     setting, where one pooled trainer trains and every client evaluates the shared adapter.
     """
 
-    def __init__(self, strategy: Strategy, trainers: dict[str, Any], evaluators: dict[str, Any], *,
-                 rounds: int, client_fraction: float, eval_every: int, seed: int, run_dir: Path,
-                 progress: bool = True, kept_on_server: set[str] = frozenset()):
-        self.strategy = strategy
-        self.trainers, self.evaluators = trainers, evaluators
-        self.rounds, self.fraction, self.every, self.seed = rounds, client_fraction, eval_every, seed
-        self.run_dir = Path(run_dir)
-        self.progress = progress
-        self.kept_on_server = set(kept_on_server)  # split mode: the trunk's adapter never leaves the server
-        self.bytes_up = dict.fromkeys(trainers, 0)
-        self.bytes_down = dict.fromkeys(trainers, 0)
-        self.elapsed = 0.0  # seconds spent in rounds, over every process that worked on this run
-        self.restored_elapsed = 0.0  # the part of it spent before this process resumed the run
-        self.done = 0  # rounds finished
+    def __init__(self, trainers: dict[str, Any], evaluators: dict[str, Any], progress: bool = True):
+        self.trainers, self.evaluators, self.progress = trainers, evaluators, progress
+        self.training, self.validating = list(trainers), list(evaluators)
 
-    @property
-    def log_path(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
-
-    def is_eval_round(self, rnd: int) -> bool:
-        return rnd == self.rounds or (self.every > 0 and rnd % self.every == 0)
-
-    def run(self) -> None:
-        """Run (or continue) every round."""
-        self.restore()
-        started = time.time() - self.elapsed
-        if self.done == 0 and self.rounds == 0:  # nothing to train: validate the initial adapter
-            self.log({"round": 0, "time_s": round(time.time() - started, 2), "valid": self.validate(0)})
-        bar = tqdm(total=self.rounds, initial=self.done, desc="rounds", unit="round", disable=not self.progress)
-        for rnd in range(self.done + 1, self.rounds + 1):
-            record = self.train_round(rnd)
-            if self.is_eval_round(rnd):
-                record["valid"] = self.validate(rnd)
-            self.elapsed = time.time() - started
-            record["time_s"] = round(self.elapsed, 2)
-            self.log(record)
-            self.done = rnd
-            self.save()
-            bar.update(1)
-        bar.close()
-        self.elapsed = time.time() - started
-
-    def train_round(self, rnd: int) -> dict[str, Any]:
-        chosen = clients_for_round(list(self.trainers), self.fraction, self.seed, rnd)
-        payloads = {client: self.strategy.configure_fit(rnd, client) for client in chosen}
-        updates = self.fit_clients(rnd, payloads)
-        train, up, down = {}, {}, {}
-        for client in chosen:
-            update = updates[client]
-            counts = self.strategy.communicates
-            down[client] = payload_bytes(self._travelling(payloads[client].tensors)) if counts else 0
-            up[client] = payload_bytes(self._travelling(update.tensors)) if counts else 0
-            self.bytes_down[client] += down[client]
-            self.bytes_up[client] += up[client]
-            train[client] = {**update.metrics, "examples": update.num_examples}
-        info = self.strategy.aggregate(rnd, [updates[c] for c in chosen])
-        record = {"round": rnd, "clients": chosen, "train": train, "bytes_up": up, "bytes_down": down}
-        if info:
-            record["strategy"] = info
-        return record
-
-    def fit_clients(self, rnd: int, payloads: dict[str, Payload]) -> dict[str, ClientUpdate]:
+    def fit(self, rnd: int, payloads: dict[str, Payload]) -> dict[str, ClientUpdate]:
         """Each client's local training from its payload: here one after the other, in this process."""
         updates = {}
         bar = tqdm(payloads, desc=f"round {rnd}", unit="client", leave=False, disable=not self.progress)
@@ -145,13 +41,7 @@ class EmbeddedRuntime:
         bar.close()
         return updates
 
-    def _travelling(self, tensors: Tensors) -> Tensors:
-        return {k: v for k, v in tensors.items() if k not in self.kept_on_server}
-
-    def validate(self, rnd: int) -> dict[str, dict[str, float]]:
-        return self.evaluate_clients(rnd, {c: self.strategy.configure_evaluate(c) for c in self.evaluators})
-
-    def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> dict[str, dict[str, float]]:
+    def evaluate(self, rnd: int, payloads: dict[str, Payload]) -> dict[str, dict[str, float]]:
         """Each client's validation metrics of the adapter its payload gives."""
         out = {}
         bar = tqdm(payloads.items(), desc="validate", unit="client", leave=False, disable=not self.progress)
@@ -160,39 +50,7 @@ class EmbeddedRuntime:
         bar.close()
         return out
 
-    def log(self, record: dict[str, Any]) -> None:
-        with open(self.log_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(plain(record)) + "\n")
-
-    # ---- checkpoints -------------------------------------------------------------------------
-
-    def save(self) -> None:
-        tensors = {f"strategy/{k}": v for k, v in self.strategy.state().items()}
-        clients = {}
-        for client, evaluator in self._stateful().items():
-            t, meta = evaluator.state()
-            tensors.update({f"client/{client}/{k}": v for k, v in t.items()})
-            clients[client] = meta
-        meta = {"round": self.done, "elapsed": self.elapsed, "bytes_up": self.bytes_up,
-                "bytes_down": self.bytes_down, "log_size": self.log_path.stat().st_size, "clients": clients}
-        save_checkpoint(self.run_dir, tensors, meta)
-
-    def restore(self) -> None:
-        found = load_checkpoint(self.run_dir)
-        if found is None:
-            self.log_path.write_text("", encoding="utf-8")  # a fresh start: no stale lines
-            return
-        tensors, meta = found
-        self.strategy.load_state(section(tensors, "strategy"))
-        for client, evaluator in self._stateful().items():
-            evaluator.load_state(section(tensors, f"client/{client}"), meta["clients"][client])
-        self.done, self.elapsed = meta["round"], meta["elapsed"]
-        self.restored_elapsed = self.elapsed
-        self.bytes_up, self.bytes_down = meta["bytes_up"], meta["bytes_down"]
-        with open(self.log_path, "r+b") as fh:  # forget the lines of the round that was cut short
-            fh.truncate(meta["log_size"])
-
-    def _stateful(self) -> dict[str, Any]:
+    def stateful(self) -> dict[str, Any]:
         """Every trainer and evaluator, once each, by id."""
         out = dict(self.evaluators)
         for client, trainer in self.trainers.items():
@@ -201,3 +59,9 @@ class EmbeddedRuntime:
             elif out[client] is not trainer:
                 raise ValueError(f"client {client} has a different trainer and evaluator")
         return out
+
+
+def embedded(strategy: Strategy, trainers: dict[str, Any], evaluators: dict[str, Any], *, run_dir: Path,
+             progress: bool = True, **options: Any) -> Rounds:
+    """The rounds of ``strategy`` over ``trainers`` (and ``evaluators``, see ``InProcess``) in this process."""
+    return Rounds(strategy, InProcess(trainers, evaluators, progress), run_dir=run_dir, progress=progress, **options)

@@ -28,10 +28,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from fellrec.storage.client import SplitDecoder
+from fellrec.storage.decoder import SplitDecoder
 from fellrec.storage.parts import ClientPart, adapters_off, cut, trainable
-from fellrec.storage.server import TrunkServer
 from fellrec.storage.transport import InProcessTransport, Message, Transport
+from fellrec.storage.trunk import TrunkServer
 
 
 class SplitLM(nn.Module):

@@ -1,19 +1,21 @@
-"""Server-side algorithms, one file each; ``make_strategy`` builds one by its config name."""
+"""Server-side algorithms, one file each, in one registry; ``make_strategy`` builds one by its name
+(each takes the options it knows from ``options`` and ignores the others)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fellrec.strategies.base import ClientUpdate, Payload, Strategy, Tensors, weighted_mean
+from fellrec.strategies.base import ClientTrainer, ClientUpdate, Payload, Strategy, Tensors, weighted_mean
 from fellrec.strategies.centralized import POOLED, Centralized
 from fellrec.strategies.fedavg import FedAvg
+from fellrec.strategies.fedpa import FedPA
 from fellrec.strategies.fedprox import FedProx
 from fellrec.strategies.fellrec import FELLRec
 from fellrec.strategies.local import Local
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Centralized, Local, FedAvg, FedProx, FELLRec)}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Centralized, Local, FedAvg, FedProx, FELLRec, FedPA)}
 
-__all__ = ["POOLED", "STRATEGIES", "ClientUpdate", "Payload", "Strategy", "Tensors", "make_strategy",
+__all__ = ["POOLED", "STRATEGIES", "ClientTrainer", "ClientUpdate", "Payload", "Strategy", "Tensors", "make_strategy",
            "weighted_mean"]
 
 

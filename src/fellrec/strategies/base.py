@@ -1,4 +1,5 @@
-"""What travels between server and clients, and the server-side Strategy every algorithm is.
+"""The seams between server and clients: what travels (``Payload``, ``ClientUpdate``), the server-side
+``Strategy`` every algorithm is, and the ``ClientTrainer`` every client side is.
 
 A Strategy is pure tensor math: it decides what each client receives (a ``Payload``) and turns
 the clients' ``ClientUpdate``s into new adapter state. It never sees a model, a file or a
@@ -9,8 +10,9 @@ Tensors are ``dict[str, Tensor]`` keyed by the portable adapter names of ``fellr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -38,6 +40,31 @@ class ClientUpdate:
     tensors: Tensors
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class ClientTrainer(Protocol):
+    """The client side of every algorithm (``fellrec.trainer.AdapterTrainer`` for the LLM backbones,
+    ``fellrec.fedpa.trainer.FedPATrainer`` for FedPA): it owns the client's data and private state.
+
+    ``test(samples)`` scores the client's selected adapter (its best validated round) on ``samples``,
+    one value per sample and metric; a trainer that owns its test data (FedPA's users) takes None.
+    ``state``/``load_state`` are what a checkpoint keeps of it.
+    """
+
+    client: str
+    steps_per_round: int
+    best_round: int
+
+    def fit(self, payload: Payload, rnd: int, on_step: Callable[[int, float], None] | None = None) -> ClientUpdate: ...
+
+    def evaluate(self, payload: Payload, rnd: int) -> dict[str, float]: ...
+
+    def test(self, samples: Any) -> dict[str, Any]: ...
+
+    def state(self) -> tuple[Tensors, dict[str, Any]]: ...
+
+    def load_state(self, tensors: Tensors, meta: dict[str, Any]) -> None: ...
 
 
 class Strategy:

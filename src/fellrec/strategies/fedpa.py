@@ -22,7 +22,7 @@ server never sees the clean tensors); it travels in ``Payload.config["ldp_scale"
 
 The baselines need no strategy of their own: FedAvg of one shared adapter and FedAvg of the whole
 model are ``fellrec.strategies.fedavg.FedAvg`` over the tensors the client trainer shares, and
-local fine-tuning is ``fellrec.strategies.local.Local`` (see ``fellrec.fedpa.client``).
+local fine-tuning is ``fellrec.strategies.local.Local`` (see ``fellrec.fedpa.trainer``).
 """
 
 from __future__ import annotations

@@ -243,7 +243,7 @@ class SimulationDeployment(LocalDeployment):
     starts Ray (its files in ``<home>/ray``), runs the ServerApp, and runs the ClientApp of
     virtual SuperNode i in a Ray actor with node config ``partition-id=i``: fellrec's client i. A
     virtual SuperNode has no ``state-dir``; its client keeps its state under
-    ``$FELLREC_CACHE/flower-state`` (see ``fellrec.runtime.flower.client``). Each ClientApp gets
+    ``$FELLREC_CACHE/flower-state`` (see ``fellrec.runtime.flower.state``). Each ClientApp gets
     ``client_cpus`` of Ray's CPUs (Flower's default: 2), so at most cpu_count / client_cpus
     clients work at once, and ``client_gpus`` of a GPU (Flower's default: none; Ray then hides the GPUs).
     Ray's processes belong to the run, not to the SuperLink: ``stop`` ends them too.

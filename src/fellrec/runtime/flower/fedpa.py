@@ -9,12 +9,12 @@
               ``fedpa.features.split_users``); it keeps its own interactions, the foundation it
               was sent, and, round-indexed on its disk, its private tensors (user embedding rows,
               user adapter) and its predictions of each evaluated round
-    rounds    ``FlowerRuntime``, with the users' ids as fellrec client names
+    rounds    ``FlowerClients``, with the users' ids as fellrec client names
     test      every client sends its per-round validation and test predictions with their labels;
               the server pools them and reports the test metrics of the best pooled validation
               round, as ``fellrec run`` does
 
-The same run embedded and over Flower gives the same numbers (tests/test_flower.py).
+The same run embedded and over Flower gives the same numbers (tests/runtime/flower/test_flower.py).
 A private user is a SuperNode, so a deployment has one SuperNode per private user; the simulation
 engine runs as many virtual ones as the run has private users (``fedpa.public_fraction`` and
 ``fedpa.min_interactions`` set how many that is).
@@ -31,41 +31,44 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fellrec.runtime.flower.client import CONFIG_KEY, ClientState, run_key
+from fellrec.config import config_from_text, dump
+from fellrec.fedpa.build import fed_rounds, federation_options, fedpa_results, fedpa_world, foundation
+from fellrec.fedpa.model import FedPAModel
+from fellrec.fedpa.pretrain import load_pretrained
+from fellrec.fedpa.trainer import client_data, user_trainer, variant_of
+from fellrec.files import atomic, save_tensors
+from fellrec.holdout import kcore
+from fellrec.pipeline import load_data
+from fellrec.rundir import finish
+from fellrec.runtime.flower.nodes import setup
 from fellrec.runtime.flower.records import from_arrays, read_payload, to_arrays, update_content
+from fellrec.runtime.flower.runtime import FlowerClients
+from fellrec.runtime.flower.state import CONFIG_KEY, ClientState, ProcessCache, run_key
+from fellrec.runtime.rounds import Rounds
+from fellrec.strategies import make_strategy
 
 FOUNDATION = "foundation.safetensors"
 
 
 def _ctr_dataset(cfg):
-    from fellrec.pipeline import load_data
-    from fellrec.split import kcore
-
     return kcore(load_data(cfg.data), cfg.data.kcore)
 
 
-_WORLDS: dict[str, tuple] = {}
-
-
-def world(cfg, key: str) -> tuple:
+def world(cfg, cache: ProcessCache | None = None) -> tuple:
     """(dataset, features, public users, user split, every private user's ClientData) of the run,
-    kept for the process (Flower's simulation serves many clients from one process)."""
-    from fellrec.fedpa.client import client_data
-    from fellrec.fedpa.run import fedpa_world
+    kept in ``cache`` (Flower's simulation serves many clients from one process)."""
 
-    if key not in _WORLDS:
-        _WORLDS.clear()
+    def build() -> tuple:
         ds = _ctr_dataset(cfg)
         feats, public, split = fedpa_world(cfg, ds)
-        _WORLDS[key] = (ds, feats, public, split, client_data(ds, feats, split))
-    return _WORLDS[key]
+        return ds, feats, public, split, client_data(ds, feats, split)
+
+    return build() if cache is None else cache.get("fedpa-world", dump(cfg), build)
 
 
 def private_users(cfg) -> int:
     """How many clients (private users) the FedPA run of ``cfg`` has."""
-    from fellrec.config import dump
-
-    return len(world(cfg, dump(cfg))[3].private_users)
+    return len(world(cfg)[3].private_users)
 
 
 # ---- the client -----------------------------------------------------------------------------------
@@ -79,9 +82,8 @@ class FedPANode:
     query and is kept in ``foundation.safetensors``; both beside its state.
     """
 
-    def __init__(self, config_text: str, client: str, root: Path):
-        from fellrec.config import config_from_text
-
+    def __init__(self, config_text: str, client: str, root: Path, cache: ProcessCache):
+        self.cache = cache
         self.cfg = config_from_text(config_text, f"run config {CONFIG_KEY}")
         self.text, self.client = config_text, client
         self.state = ClientState(root / run_key(config_text, self.cfg.name) / f"client-{client}")
@@ -93,13 +95,11 @@ class FedPANode:
     def _data(self) -> dict[str, Any]:
         import pickle
 
-        from fellrec.files import atomic
-
         path = self.state.folder / "data.pkl"
         if path.exists():
             with open(path, "rb") as fh:
                 return pickle.load(fh)
-        ds, feats, _, split, per_user = world(self.cfg, self.text)
+        ds, feats, _, split, per_user = world(self.cfg, self.cache)
         users = [int(u) for u in split.private_users]
         i = int(self.client)
         if not 0 <= i < len(users):
@@ -122,11 +122,6 @@ class FedPANode:
         return data
 
     def _build(self) -> None:
-        from fellrec.fedpa.client import user_trainer, variant_of
-        from fellrec.fedpa.model import FedPAModel
-        from fellrec.fedpa.pretrain import load_pretrained
-        from fellrec.fedpa.run import federation_options
-
         base, meta = load_pretrained(self.state.folder / FOUNDATION)
         c = meta["config"]
         have = [meta.get("user_fields"), meta.get("item_fields"), c["user_cards"], c["item_cards"], c["item_widths"]]
@@ -167,6 +162,9 @@ class FedPANode:
                 t.valid_preds, t.test_preds = list(tensors["valid"].numpy()), list(tensors["test"].numpy())
             t.best_round, t.best_score = meta["best_round"], meta["best_score"]
 
+    def saved_caches(self) -> None:
+        """Nothing to keep beyond the state files (see ``plain.ClientNode.saved_caches``)."""
+
     def save(self, kind: str, rnd: int) -> None:
         tensors, meta = self.trainer.state()
         self.state.save(kind, rnd, tensors, meta)
@@ -174,8 +172,6 @@ class FedPANode:
     # ---- handlers ------------------------------------------------------------------------------
 
     def setup(self, msg: Message) -> RecordDict:
-        from fellrec.files import save_tensors
-
         meta = str(msg.content["config"]["fedpa"])
         save_tensors(self.state.folder / FOUNDATION, from_arrays(msg.content["arrays"]), {"fedpa": meta})
         self._build()
@@ -187,14 +183,14 @@ class FedPANode:
         return RecordDict({"arrays": to_arrays(self.initial), "info": ConfigRecord(info),
                            "metrics": MetricRecord(counts)})
 
-    def fit(self, msg: Message, context=None) -> RecordDict:
+    def fit(self, msg: Message) -> RecordDict:
         rnd, payload = read_payload(msg)
         self.load(rnd - 1, rnd - 1)
         update = self.trainer.fit(payload, rnd)
         self.save("fit", rnd)
         return update_content(self.client, update)
 
-    def evaluate(self, msg: Message, context=None) -> RecordDict:
+    def evaluate(self, msg: Message) -> RecordDict:
         rnd, payload = read_payload(msg)
         self.load(rnd, rnd - 1)
         scores = self.trainer.evaluate(payload, rnd)
@@ -202,7 +198,7 @@ class FedPANode:
         return RecordDict({"metrics": MetricRecord({k: float(v) for k, v in scores.items()}),
                            "info": ConfigRecord({"client-id": self.client})})
 
-    def test(self, msg: Message, context=None) -> RecordDict:
+    def test(self, msg: Message) -> RecordDict:
         rounds = int(msg.content["config"]["round"])
         self.load(rounds, rounds)
         t = self.trainer
@@ -232,13 +228,8 @@ def predictions_view(content: RecordDict) -> SimpleNamespace:
                            data=SimpleNamespace(valid_labels=arrays["valid-labels"], test_labels=arrays["test-labels"]))
 
 
-def serve_fedpa(cfg, nodes, rc, out: Path, started: float) -> None:
+def serve(cfg, rc, out: Path, nodes, started: float) -> None:
     """The ServerApp of a FedPA run (see the module doc); writes the run into ``out``."""
-    from fellrec.fedpa.client import make_strategy, variant_of
-    from fellrec.fedpa.run import fed_rounds, fedpa_results, fedpa_world, foundation
-    from fellrec.run import finish
-    from fellrec.runtime.flower.server import FlowerRuntime, setup
-
     f = cfg.fedpa
     ds = _ctr_dataset(cfg)
     feats, public, split = fedpa_world(cfg, ds)
@@ -251,15 +242,15 @@ def serve_fedpa(cfg, nodes, rc, out: Path, started: float) -> None:
     users = [str(info[i]["name"]) for i in index]
     groups = {str(info[i]["name"]): {a: int(v) for a, v in json.loads(str(info[i]["groups"])).items()} for i in index}
     _, server = variant_of(f.algorithm)
-    strategy = make_strategy(server, initial, users, groups if server == "fedpa" else {}, weighting=f.weighting,
-                             ldp_scale=f.ldp_scale)
-    runtime = FlowerRuntime(strategy, nodes, users, ids=dict(zip(users, index, strict=True)), rounds=fed_rounds(cfg),
-                            client_fraction=cfg.train.client_fraction, eval_every=max(1, cfg.eval.every),
-                            seed=cfg.seed, run_dir=out, progress=False)
+    strategy = make_strategy(server, initial, users, client_groups=groups if server == "fedpa" else {},
+                             weighting=f.weighting, ldp_scale=f.ldp_scale)
+    clients = FlowerClients(nodes, users, ids=dict(zip(users, index, strict=True)))
+    runtime = Rounds(strategy, clients, rounds=fed_rounds(cfg), client_fraction=cfg.train.client_fraction,
+                     eval_every=max(1, cfg.eval.every), seed=cfg.seed, run_dir=out, progress=False)
     runtime.run()
-    tested = runtime.test_clients(fed_rounds(cfg), False)
+    tested = clients.test(fed_rounds(cfg), False)
     views = [predictions_view(tested[u]) for u in users]
     results = {"name": cfg.name, "backbone": "ctr", "dataset": ds.name,
                **fedpa_results(cfg, ds, public, split, pre, runtime, strategy, views),
                "runtime": {"kind": "flower", "messages_resent": nodes.resent}}
-    finish(cfg, out, started - runtime.restored_elapsed, results)
+    finish(out, started - runtime.restored_elapsed, results)

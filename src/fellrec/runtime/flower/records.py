@@ -60,3 +60,28 @@ def read_update(client: str, msg: Message) -> ClientUpdate:
 
 def client_id_of(msg: Message) -> str:
     return str(msg.content["info"]["client-id"])
+
+
+def float_tensor(values) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values, dtype=np.float64))
+
+
+def scores_content(client: str, scores: dict, samples, best_round: int, adapter: Tensors | None) -> RecordDict:
+    """A test reply: each test user's metrics with the dataset's dense user ids (``user``, so that the
+    server can write test_users.csv and runs can be paired by user), the round whose adapter was
+    tested and, if asked for, that adapter (``arrays``)."""
+    if scores:
+        scores = {**scores, "user": np.asarray(samples.user)}
+    content = {"scores": to_arrays({k: float_tensor(v) for k, v in scores.items()}),
+               "info": ConfigRecord({"client-id": client}),
+               "metrics": MetricRecord({"best-round": int(best_round)})}
+    if adapter is not None:
+        content["arrays"] = to_arrays(adapter)
+    return RecordDict(content)
+
+
+def read_scores(content: RecordDict) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(per-user metrics, user ids) of a test reply."""
+    scores = {k: v.numpy() for k, v in from_arrays(content["scores"]).items()}
+    users = scores.pop("user", np.zeros(0)).astype(np.int64)
+    return scores, users

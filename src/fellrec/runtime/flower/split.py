@@ -71,11 +71,20 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fellrec.runtime.flower.server import FlowerRuntime
+from fellrec.adapters import get_adapter, set_adapter
+from fellrec.backbones import text
+from fellrec.build import build_backbone
+from fellrec.files import atomic, save_tensors, write_text
+from fellrec.runtime.flower import plain
+from fellrec.runtime.flower.nodes import ClientFailed
+from fellrec.runtime.flower.records import config_record, from_arrays, read_update, to_arrays, update_content
 from fellrec.storage.replay import NeedReplies, ReplayDiverged, ReplayTransport, fingerprint
 from fellrec.storage.transport import Message as TrunkMessage
 from fellrec.storage.transport import encode
+from fellrec.storage.trunk import ConcurrentTrunkServer
 from fellrec.strategies import Payload, Tensors
+from fellrec.train import make_optimizer
+from fellrec.trainer import derive_seed
 
 DEFAULT_MAX_MB = 64.0  # trunk requests per Flower message (node config ``split-max-mb``)
 CONTINUE = {"train": "train.split", "evaluate": "evaluate.split", "evaluate.test": "evaluate.test_split"}
@@ -91,8 +100,6 @@ def pack(messages: list[TrunkMessage]) -> tuple[ArrayRecord, dict[str, Any]]:
 
 
 def unpack(arrays: ArrayRecord, config, client: str) -> list[TrunkMessage]:
-    from fellrec.runtime.flower.records import from_arrays
-
     tensors = from_arrays(arrays)
     out = [TrunkMessage(k, client, int(r)) for k, r in zip(config["kinds"], config["requests"], strict=True)]
     for key, t in tensors.items():
@@ -112,8 +119,6 @@ class Session:
 
     @classmethod
     def open(cls, state_folder: Path, client: str, msg: Message) -> Session:
-        from fellrec.files import save_tensors
-
         config = msg.content["config"]
         name, seq = str(config["split-session"]), int(config["split-seq"])
         root = state_folder / "split"
@@ -170,8 +175,6 @@ class Session:
         return torch.load(self.checkpoint_path, weights_only=False)  # the client's own file
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        from fellrec.files import atomic
-
         atomic(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
         below = state["requests"]
         self.record_sent([], below)
@@ -191,8 +194,6 @@ class Session:
         return {(k, int(r)): fp for k, r, fp in json.loads(path.read_text(encoding="utf-8"))}
 
     def record_sent(self, messages: list[TrunkMessage], below: int = 0) -> None:
-        from fellrec.files import write_text
-
         sent = self.sent()
         sent.update({(m.kind, m.request): fingerprint(m) for m in messages})
         rows = [[k, r, fp] for (k, r), fp in sorted(sent.items(), key=lambda x: x[0][1]) if r >= below]
@@ -249,8 +250,6 @@ def resumable(node, session: Session, transport: ReplayTransport) -> Iterator[No
     restores the state (everything ``train_steps`` and the loss draw from) and runs the real
     ``train_steps`` for the remaining steps.
     """
-    from fellrec.adapters import get_adapter, set_adapter
-
     trainer = node.trainer
     real = trainer.train_loop
     model, backbone = node.backbone.model, node.backbone
@@ -308,8 +307,6 @@ def install_public(node) -> None:
     """What the server computed from the frozen base model for this client (see ``TrunkHost``)."""
     from safetensors.torch import load_file
 
-    from fellrec.backbones import text
-
     backbone = node.backbone
     need = public_names(node.cfg)
     if not need:
@@ -334,6 +331,7 @@ def public_names(cfg) -> list[str]:
 
 
 def max_bytes(context) -> int:
+    """Trunk requests per Flower message, from the node config (``split-max-mb``)."""
     return int(float(context.node_config.get("split-max-mb", DEFAULT_MAX_MB)) * (1 << 20))
 
 
@@ -347,77 +345,77 @@ def _reply(session: Session, transport: ReplayTransport, client: str, done: dict
     return RecordDict(content)
 
 
-def client_fit(node, msg: Message, limit: int) -> RecordDict:
-    from fellrec.runtime.flower.records import update_content
+class SplitNode:
+    """A plain client (``fellrec.runtime.flower.plain.ClientNode``, which it wraps) whose model is cut:
+    each handler runs the plain client's work as a pass over the trunk replies received so far."""
 
-    session = Session.open(node.state.folder, node.client, msg)
-    tensors, config = session.first()
-    rnd = int(config.pop("round"))
-    payload = Payload(tensors, config)
-    node.load(rnd - 1, rnd - 1)
-    install_public(node)
-    model = node.backbone.model
+    def __init__(self, node, max_bytes: int):
+        self.node, self.limit = node, max_bytes
 
-    def work():  # run_pass has given the model this pass's transport
-        with resumable(node, session, model.transport):
-            return node.trainer.fit(payload, rnd)
+    def setup(self, msg: Message) -> RecordDict:
+        return self.node.setup(msg)
 
-    update, transport = run_pass(model, session, work, max_bytes=limit)
-    if update is None:
-        return _reply(session, transport, node.client, None)
-    node.state.save("fit", rnd, node.trainer.private)
-    return _reply(session, transport, node.client, dict(update_content(node.client, update)))
+    def saved_caches(self) -> None:
+        self.node.saved_caches()
 
+    def fit(self, msg: Message) -> RecordDict:
+        node = self.node
+        session = Session.open(node.state.folder, node.client, msg)
+        tensors, config = session.first()
+        rnd = int(config.pop("round"))
+        payload = Payload(tensors, config)
+        node.load(rnd - 1, rnd - 1)
+        install_public(node)
+        model = node.backbone.model
 
-def client_evaluate(node, msg: Message, limit: int) -> RecordDict:
-    session = Session.open(node.state.folder, node.client, msg)
-    tensors, config = session.first()
-    rnd = int(config.pop("round"))
-    payload = Payload(tensors, config)
-    node.load(rnd, rnd - 1)
-    install_public(node)
-    scores, transport = run_pass(node.backbone.model, session, lambda: node.trainer.evaluate(payload, rnd),
-                                 max_bytes=limit)
-    if scores is None:
-        return _reply(session, transport, node.client, None)
-    t = node.trainer
-    node.state.save("eval", rnd, t.best, {"best_score": t.best_score, "best_round": t.best_round})
-    return _reply(session, transport, node.client, {
-        "metrics": MetricRecord({k: float(v) for k, v in scores.items()}),
-        "info": ConfigRecord({"client-id": node.client, "best-round": int(t.best_round)})})
+        def work():  # run_pass has given the model this pass's transport
+            with resumable(node, session, model.transport):
+                return node.trainer.fit(payload, rnd)
 
+        update, transport = run_pass(model, session, work, max_bytes=self.limit)
+        if update is None:
+            return _reply(session, transport, node.client, None)
+        node.state.save("fit", rnd, node.trainer.private)
+        return _reply(session, transport, node.client, dict(update_content(node.client, update)))
 
-def client_test(node, msg: Message, limit: int) -> RecordDict:
-    from fellrec.files import save_tensors
-    from fellrec.runtime.flower.client import _tensor, with_users
-    from fellrec.runtime.flower.records import to_arrays
+    def evaluate(self, msg: Message) -> RecordDict:
+        node = self.node
+        session = Session.open(node.state.folder, node.client, msg)
+        tensors, config = session.first()
+        rnd = int(config.pop("round"))
+        payload = Payload(tensors, config)
+        node.load(rnd, rnd - 1)
+        install_public(node)
+        scores, transport = run_pass(node.backbone.model, session, lambda: node.trainer.evaluate(payload, rnd),
+                                     max_bytes=self.limit)
+        if scores is None:
+            return _reply(session, transport, node.client, None)
+        t = node.trainer
+        node.state.save("eval", rnd, t.best, {"best_score": t.best_score, "best_round": t.best_round})
+        return _reply(session, transport, node.client, {
+            "metrics": MetricRecord({k: float(v) for k, v in scores.items()}),
+            "info": ConfigRecord({"client-id": node.client, "best-round": int(t.best_round)})})
 
-    session = Session.open(node.state.folder, node.client, msg)
-    _, config = session.first()
-    rounds = int(config["round"])
-    node.load(rounds, rounds)
-    install_public(node)
-    t = node.trainer
-    scores, transport = run_pass(node.backbone.model, session,
-                                 lambda: t.test(node.test_samples) if len(node.test_samples) else {}, max_bytes=limit)
-    if scores is None:
-        return _reply(session, transport, node.client, None)
-    save_tensors(node.state.folder / "adapter.safetensors", t.best)
-    content = {"scores": to_arrays({k: _tensor(v) for k, v in with_users(scores, node.test_samples).items()}),
-               "info": ConfigRecord({"client-id": node.client}),
-               "metrics": MetricRecord({"best-round": int(t.best_round)})}
-    if bool(config.get("send-adapter", True)):
-        content["arrays"] = to_arrays({k: v for k, v in t.best.items() if k not in t.kept})
-    return _reply(session, transport, node.client, content)
+    def test(self, msg: Message) -> RecordDict:
+        node = self.node
+        session = Session.open(node.state.folder, node.client, msg)
+        _, config = session.first()
+        rounds = int(config["round"])
+        node.load(rounds, rounds)
+        install_public(node)
+        t = node.trainer
+        scores, transport = run_pass(node.backbone.model, session,
+                                     lambda: t.test(node.test_samples) if len(node.test_samples) else {},
+                                     max_bytes=self.limit)
+        if scores is None:
+            return _reply(session, transport, node.client, None)
+        return _reply(session, transport, node.client,
+                      dict(node.tested(scores, bool(config.get("send-adapter", True)))))
 
-
-def client_public(node, msg: Message) -> RecordDict:
-    """``query.split``: keep what the server computed from the frozen base model."""
-    from fellrec.files import save_tensors
-    from fellrec.runtime.flower.records import from_arrays
-
-    save_tensors(node.state.folder / "public.safetensors", from_arrays(msg.content["arrays"]))
-    return RecordDict({"info": ConfigRecord({"client-id": node.client})})
+    def public(self, msg: Message) -> RecordDict:
+        """``query.split``: keep what the server computed from the frozen base model."""
+        save_tensors(self.node.state.folder / "public.safetensors", from_arrays(msg.content["arrays"]))
+        return RecordDict({"info": ConfigRecord({"client-id": self.node.client})})
 
 
 # ---- the server ---------------------------------------------------------------------------------
@@ -428,10 +426,6 @@ class TrunkHost:
     of each client's adapters (see the module doc)."""
 
     def __init__(self, cfg, titles: list[str], dataset: str):
-        from fellrec.adapters import get_adapter
-        from fellrec.run import build_backbone
-        from fellrec.storage.server import ConcurrentTrunkServer
-
         backbone = build_backbone(cfg, titles, dataset)  # the whole model, split in this process
         split = backbone.model
         self.public: Tensors = {}
@@ -470,9 +464,6 @@ class TrunkHost:
     # ---- exchanges ------------------------------------------------------------------------------
 
     def begin(self, client: str, kind: str, trunk: Tensors, train_round: int | None = None) -> None:
-        from fellrec.client import derive_seed
-        from fellrec.train import make_optimizer
-
         self.server.drop(client)
         self.server.set_adapter(client, trunk)
         if train_round is not None:
@@ -570,8 +561,6 @@ def replies_content(rnd: int, group: str, seq: int, replies: list[TrunkMessage])
 
 
 def first_content(rnd: int, group: str, tensors: Tensors, config: dict[str, Any]) -> RecordDict:
-    from fellrec.runtime.flower.records import config_record, to_arrays
-
     return RecordDict({"arrays": to_arrays(tensors),
                        "config": config_record({**config, "round": rnd, "split-session": group, "split-seq": 0})})
 
@@ -580,9 +569,6 @@ def start_host(cfg, nodes, info: dict[str, dict], initial: Tensors, clients: lis
     """The server's trunk, built from the titles the clients sent; their initial part checked against
     it; what the clients need from the frozen base model sent to them (``query.split``). Returns the
     host and the whole initial adapter (the clients' part and the trunk's)."""
-    from fellrec.runtime.flower.records import to_arrays
-    from fellrec.runtime.flower.server import ClientFailed
-
     titles = [list(info[c].pop("titles", [])) for c in clients]
     if any(t != titles[0] for t in titles) or not titles[0]:
         raise ClientFailed("split mode: the clients sent different (or no) item catalogues at setup")
@@ -597,16 +583,14 @@ def start_host(cfg, nodes, info: dict[str, dict], initial: Tensors, clients: lis
     return host, {**initial, **host.initial}
 
 
-class SplitFlowerRuntime(FlowerRuntime):
-    """``FlowerRuntime`` whose clients' exchanges go through the trunk ``host`` keeps on this server."""
+class SplitClients:
+    """The clients as SuperNodes whose exchanges go through the trunk ``host`` keeps on this server."""
 
-    def __init__(self, strategy, nodes, clients: list[str], host: TrunkHost, **options: Any):
-        super().__init__(strategy, nodes, clients, kept_on_server=set(host.names), **options)
-        self.host = host
+    def __init__(self, nodes, clients: list[str], host: TrunkHost):
+        self.nodes, self.host = nodes, host
+        self.training = self.validating = list(clients)
 
-    def fit_clients(self, rnd: int, payloads: dict[str, Payload]) -> dict[str, Any]:
-        from fellrec.runtime.flower.records import read_update
-
+    def fit(self, rnd: int, payloads: dict[str, Payload]) -> dict[str, Any]:
         host, first = self.host, {}
         for c, p in payloads.items():
             host.begin(c, "train", host.trunk_of(c, p.tensors), train_round=rnd)
@@ -621,7 +605,7 @@ class SplitFlowerRuntime(FlowerRuntime):
             updates[c] = update
         return updates
 
-    def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> dict[str, dict[str, float]]:
+    def evaluate(self, rnd: int, payloads: dict[str, Payload]) -> dict[str, dict[str, float]]:
         host, first = self.host, {}
         for c, p in payloads.items():
             host.evaluated[c] = host.trunk_of(c, p.tensors)
@@ -636,16 +620,14 @@ class SplitFlowerRuntime(FlowerRuntime):
             out[c] = {k: float(v) for k, v in replies[c].content["metrics"].items()}
         return out
 
-    def test_clients(self, rounds: int, send_adapter: bool) -> dict[str, Any]:
-        from fellrec.runtime.flower.records import from_arrays, to_arrays
-
+    def test(self, rounds: int, send_adapter: bool) -> dict[str, Any]:
         host, first = self.host, {}
-        for c in self.trainers:
+        for c in self.training:
             host.begin(c, "evaluate.test", host.best.get(c, host.initial))
             first[c] = lambda: first_content(rounds, "test", {}, {"send-adapter": send_adapter})
         replies = host.drive(self.nodes, "evaluate.test", "test", first, rounds)
         out = {}
-        for c in self.trainers:
+        for c in self.training:
             host.end(c)
             content = replies[c].content
             said = int(content["metrics"]["best-round"])
@@ -657,5 +639,19 @@ class SplitFlowerRuntime(FlowerRuntime):
             out[c] = content
         return out
 
-    def _stateful(self) -> dict[str, Any]:
-        return {c: self.host.state_of(c) for c in self.trainers}
+    def stateful(self) -> dict[str, Any]:
+        return {c: self.host.state_of(c) for c in self.training}
+
+    def describe(self) -> dict[str, Any]:
+        return {"split": self.host.traffic}
+
+
+def split_clients(cfg, nodes, info: dict, initial: Tensors, clients: list[str]):
+    """``plain.serve``'s clients in split mode: the trunk built here, the clients' exchanges through it."""
+    host, initial = start_host(cfg, nodes, info, initial, clients)
+    return SplitClients(nodes, clients, host), initial, set(host.names)
+
+
+def serve(cfg, rc, out: Path, nodes, started: float) -> None:
+    """The ServerApp of a split-mode run: ``fellrec.runtime.flower.plain.serve`` with the trunk here."""
+    plain.serve(cfg, rc, out, nodes, started, make_clients=split_clients)

@@ -1,17 +1,70 @@
-"""The ClientApp: one handler per message type, all in fellrec.runtime.flower.client."""
+"""The ClientApp: picks the client's mode (plain, split or FedPA) from the run's config and hands
+each message to that client's node (``fellrec.runtime.flower.plain``, ``split``, ``fedpa``)."""
 
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fellrec.runtime.flower import client
+from fellrec.config import config_from_text
+from fellrec.runtime.flower import fedpa, plain, split
+from fellrec.runtime.flower.state import CONFIG_KEY, ProcessCache, client_id, state_root
 
 app = ClientApp()
-app.query()(client.handle_setup)
-app.query("whoami")(client.handle_whoami)
-app.train()(client.handle_train)
-app.evaluate()(client.handle_evaluate)
-app.evaluate("test")(client.handle_test)
-# split mode (storage.k): the trunk's exchanges, one message further each (fellrec.runtime.flower.split)
-app.query("split")(client.handle_split_setup)
-app.train("split")(client.handle_train)
-app.evaluate("split")(client.handle_evaluate)
-app.evaluate("test_split")(client.handle_test)
+CACHE = ProcessCache()  # what this process keeps across the messages it serves
+
+
+def node_for(context: Context):
+    """This process's client of the run, built on its first message."""
+    text = str(context.run_config[CONFIG_KEY])
+    cid, root = client_id(context), state_root(context)
+
+    def build():
+        cfg = config_from_text(text, f"run config {CONFIG_KEY}")
+        if cfg.model.backbone == "ctr":
+            return fedpa.FedPANode(text, cid, root, CACHE)
+        node = plain.ClientNode(text, cid, Path(root), CACHE)
+        return split.SplitNode(node, split.max_bytes(context)) if cfg.storage.k is not None else node
+
+    return CACHE.get("node", (text, cid, str(root)), build)
+
+
+def answer(msg: Message, context: Context, work) -> Message:
+    node = node_for(context)
+    content = work(node)
+    node.saved_caches()
+    return Message(content, reply_to=msg)
+
+
+@app.query("whoami")
+def whoami(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"info": ConfigRecord({"client-id": client_id(context)})}), reply_to=msg)
+
+
+@app.query()
+def setup(msg: Message, context: Context) -> Message:
+    return answer(msg, context, lambda node: node.setup(msg))
+
+
+@app.query("split")
+def split_setup(msg: Message, context: Context) -> Message:
+    """Split mode: what the server computed from the frozen base model for the client."""
+    return answer(msg, context, lambda node: node.public(msg))
+
+
+@app.train()
+@app.train("split")  # split mode: the same exchange, one message further
+def train(msg: Message, context: Context) -> Message:
+    return answer(msg, context, lambda node: node.fit(msg))
+
+
+@app.evaluate()
+@app.evaluate("split")
+def evaluate(msg: Message, context: Context) -> Message:
+    return answer(msg, context, lambda node: node.evaluate(msg))
+
+
+@app.evaluate("test")
+@app.evaluate("test_split")
+def test(msg: Message, context: Context) -> Message:
+    return answer(msg, context, lambda node: node.test(msg))

@@ -13,8 +13,8 @@ from fellrec.backbones.prompts import HEADER, Prompt
 from fellrec.backbones.ranker import TextRanker
 from fellrec.config import LoraConfig
 from fellrec.evaluate import evaluate
+from fellrec.holdout import Samples
 from fellrec.llm import tiny_random
-from fellrec.split import Samples
 
 TITLES = ["Alpha (1990)", "Beta (1991)", "Gamma Rays (1992)", "Delta Force (1993)", "Epsilon (1994)",
           "Zeta, The (1995)", "Eta Carinae (1996)", "Theta Waves (1997)"]

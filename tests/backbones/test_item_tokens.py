@@ -15,8 +15,8 @@ from fellrec.backbones.item_tokens import ItemTokenRec
 from fellrec.backbones.prompts import Prompt
 from fellrec.config import LoraConfig, load_config
 from fellrec.errors import ConfigError
+from fellrec.holdout import Samples
 from fellrec.llm import tiny_random
-from fellrec.split import Samples
 from fellrec.storage.model import SplitLM
 
 TITLES = ["Alpha (1990)", "Beta (1991)", "Gamma Rays (1992)", "Delta Force (1993)", "Epsilon (1994)",
@@ -305,6 +305,6 @@ def test_a_killed_item_token_run_resumes_to_the_same_results(tmp_path, private_c
 
     args = [a for s in [*RUN, "train.algorithm=fellrec", "model.lora.dropout=0.3", "name=x"] for a in ("--set", s)]
     assert main(["run", "--quiet", "--runs-dir", str(tmp_path / "a"), *args]) == 0
-    killed_run(tmp_path / "b", args, "fellrec/client.py:AdapterTrainer.fit", 3)  # round 2, first client
+    killed_run(tmp_path / "b", args, "fellrec/trainer.py:AdapterTrainer.fit", 3)  # round 2, first client
     assert main(["run", "--quiet", "--resume", str(tmp_path / "b" / "x")]) == 0
     same_results(tmp_path / "a" / "x", tmp_path / "b" / "x")

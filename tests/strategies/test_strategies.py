@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fellrec.client import proximal
 from fellrec.strategies import ClientUpdate, make_strategy, weighted_mean
 from fellrec.strategies.centralized import POOLED
+from fellrec.trainer import proximal
 
 
 def update(client, n, **tensors):

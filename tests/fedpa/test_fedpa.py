@@ -22,10 +22,10 @@ from fellrec.fedpa import (
     select_public,
     split_users,
 )
-from fellrec.fedpa.client import FedPATrainer, laplace
 from fellrec.fedpa.features import PAD, log_bin_edges, log_binned
 from fellrec.fedpa.metrics import per_user_auc
 from fellrec.fedpa.model import param_names
+from fellrec.fedpa.trainer import FedPATrainer, laplace
 from fellrec.strategies.base import ClientUpdate
 from fellrec.strategies.fedpa import FedPA
 
@@ -186,7 +186,7 @@ def trainer_for(m, zero_seed=0, n=40, lr=0.05):
     g = torch.Generator().manual_seed(zero_seed)
     items = torch.randint(0, 4, (n,), generator=g)
     labels = (torch.rand(n, generator=g) < 0.5).float()
-    from fellrec.fedpa.client import ClientData
+    from fellrec.fedpa.trainer import ClientData
 
     data = ClientData(items, labels, items[:5], labels[:5], items[5:10], labels[5:10])
     return FedPATrainer("c", m, data, torch.tensor([1, 2, 3]), variant="fedpa", lr=lr, seed=0)
@@ -354,7 +354,7 @@ def test_pretrain_checkpoint_round_trip(tmp_path):
 
 @pytest.mark.parametrize("algorithm", ["fedavg-adapter", "fedavg-full", "local", "frozen"])
 def test_baselines_run_in_the_embedded_runtime(tmp_path, algorithm):
-    from fellrec.runtime.embedded import EmbeddedRuntime
+    from fellrec.runtime.embedded import embedded
 
     ds = movie_dataset(n_users=25)
     f = build_features(ds)
@@ -362,7 +362,7 @@ def test_baselines_run_in_the_embedded_runtime(tmp_path, algorithm):
     base = CTRModel(f.user_cards, f.item_cards, f.item_widths, hidden=(8, 4))
     fed = build_federation(ds, f, sp, base, algorithm=algorithm, gate_hidden=(4, 4), lr=0.05)
     rounds = 0 if algorithm == "frozen" else 2
-    EmbeddedRuntime(fed.strategy, fed.trainers, fed.trainers, rounds=rounds, client_fraction=1.0, eval_every=1,
+    embedded(fed.strategy, fed.trainers, fed.trainers, rounds=rounds, client_fraction=1.0, eval_every=1,
                     seed=0, run_dir=tmp_path, progress=False).run()
     sel = pooled_selection(fed.trainers)
     assert sel["best_round"] in range(rounds + 1) and 0.0 <= sel["test"]["auc"] <= 1.0
@@ -372,7 +372,7 @@ def test_baselines_run_in_the_embedded_runtime(tmp_path, algorithm):
 def test_end_to_end_ml100k(tmp_path):
     """Open_Train on the public users of ML-100K, then FedPA rounds over ALL private users."""
     from fellrec.data.registry import load_dataset
-    from fellrec.runtime.embedded import EmbeddedRuntime
+    from fellrec.runtime.embedded import embedded
 
     ds = load_dataset("ml-100k-recbole", None)
     f = build_features(ds)
@@ -387,7 +387,7 @@ def test_end_to_end_ml100k(tmp_path):
     assert len(fed.trainers) == len(sp.private_users)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    runtime = EmbeddedRuntime(fed.strategy, fed.trainers, fed.trainers, rounds=2, client_fraction=1.0, eval_every=1,
+    runtime = embedded(fed.strategy, fed.trainers, fed.trainers, rounds=2, client_fraction=1.0, eval_every=1,
                               seed=0, run_dir=run_dir, progress=False)
     runtime.run()
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()

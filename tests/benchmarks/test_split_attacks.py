@@ -3,6 +3,9 @@ and the views agree with the model's own forward pass, the white-box search read
 when it knows the weights, the score counts history tokens only, and the learned attack never trains
 on a victim's titles."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,7 +13,9 @@ from fellrec.adapters import add_lora
 from fellrec.backbones.prompts import Prompt
 from fellrec.config import LoraConfig
 from fellrec.llm import tiny_random
-from fellrec.storage import attacks as A
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # research code, not the library
+import split_attacks as A
 
 TITLES = ["Toy Story (1995)", "Heat (1995)", "Alien (1979)", "Fargo (1996)", "Cable Guy, The (1996)",
           "Space Jam (1996)", "Casablanca (1942)", "Vertigo (1958)", "Babe (1995)", "Jaws (1975)",

@@ -12,12 +12,12 @@ from fellrec.adapters import add_lora, get_adapter
 from fellrec.backbones import text
 from fellrec.config import LoraConfig
 from fellrec.llm import tiny_random
-from fellrec.storage.client import SplitDecoder
+from fellrec.storage.decoder import SplitDecoder
 from fellrec.storage.model import SplitLM
 from fellrec.storage.parts import adapter_of, cut, load_adapter
 from fellrec.storage.replay import NeedReplies, ReplayDiverged, ReplayTransport
-from fellrec.storage.server import ConcurrentTrunkServer, TrunkServer
 from fellrec.storage.transport import InProcessTransport, Message, decode, encode
+from fellrec.storage.trunk import ConcurrentTrunkServer, TrunkServer
 
 TEXTS = ["the matrix (1999)", "toy story (1995)", "heat (1995)", "alien (1979)", "fargo (1996)"] * 4
 

@@ -1,9 +1,7 @@
-"""``fellrec run`` with ``model.backbone: ctr``: FedPA's two phases, top to bottom.
-
-data -> attribute features and labels -> public / private users -> Open_Train (central
-pre-training on the public users; checkpoint ``foundation.safetensors``) -> Fed_Train (one client
-per private user, in the embedded runtime) -> pooled validation per round -> test at the best
-round -> ``results.json``.
+"""The parts of a FedPA run (``model.backbone: ctr``), built from its config: attribute features and
+labels, public / private users, the foundation model (Open_Train: central pre-training on the
+public users; checkpoint ``foundation.safetensors``), the federation's options and its results.
+``fellrec.run`` (embedded) and ``fellrec.runtime.flower.fedpa`` run the rounds (Fed_Train).
 
 ``overall`` holds the pooled test metrics (AUC, per-user GAUC, logloss, weighted precision,
 recall, F1) at the best validation round; ``rounds`` the pooled validation and test metrics of
@@ -21,12 +19,11 @@ import numpy as np
 from fellrec.config import Config
 from fellrec.data.tables import Dataset
 from fellrec.errors import ConfigError
-from fellrec.fedpa.client import build_federation, pooled_selection
 from fellrec.fedpa.features import FeatureTable, UserSplit, build_features, select_public, split_users
 from fellrec.fedpa.model import CTRModel
 from fellrec.fedpa.pretrain import load_pretrained, pretrain, save_pretrained
+from fellrec.fedpa.trainer import pooled_selection
 from fellrec.files import save_tensors
-from fellrec.runtime.embedded import EmbeddedRuntime
 
 
 def fedpa_world(cfg: Config, ds: Dataset) -> tuple[FeatureTable, np.ndarray, UserSplit]:
@@ -75,17 +72,6 @@ def federation_options(cfg: Config) -> dict[str, Any]:
 
 def fed_rounds(cfg: Config) -> int:
     return 0 if cfg.fedpa.algorithm == "frozen" else cfg.train.rounds
-
-
-def fedpa_run(cfg: Config, ds: Dataset, out: Path, progress: bool) -> dict[str, Any]:
-    feats, public, split = fedpa_world(cfg, ds)
-    base, pre = foundation(cfg, ds, feats, split, out)
-    fed = build_federation(ds, feats, split, base, **federation_options(cfg))
-    runtime = EmbeddedRuntime(fed.strategy, fed.trainers, fed.trainers, rounds=fed_rounds(cfg),
-                              client_fraction=cfg.train.client_fraction, eval_every=max(1, cfg.eval.every),
-                              seed=cfg.seed, run_dir=out, progress=progress)
-    runtime.run()
-    return fedpa_results(cfg, ds, public, split, pre, runtime, fed.strategy, list(fed.trainers.values()))
 
 
 def fedpa_results(cfg: Config, ds: Dataset, public: np.ndarray, split: UserSplit, pre: dict, runtime,

@@ -9,8 +9,8 @@ from fellrec.baselines.common import pad_histories
 from fellrec.baselines.popular import MostPopular
 from fellrec.baselines.sasrec import SASRec, SASRecConfig, fit_sasrec
 from fellrec.evaluate import evaluate
+from fellrec.holdout import Samples
 from fellrec.metrics import rank_metrics
-from fellrec.split import Samples
 
 
 def samples(history, targets, exclude=None) -> Samples:

@@ -3,7 +3,7 @@
 ``flwr run``, judged by the status the SuperLink recorded, and must equal the embedded run.
 
 These tests wait on Flower's latency (a process per ClientApp message, 3 s SuperNode polling) more
-than they compute, so they live apart from the in-process tests of tests/test_flower.py: pytest-xdist
+than they compute, so they live apart from the in-process tests of tests/runtime/flower/test_flower.py: pytest-xdist
 runs this file beside the others.
 """
 
@@ -14,13 +14,13 @@ import time
 
 import psutil
 import pytest
+from test_flower import SPLIT, THREE, assert_same_run, embedded_runs, embedded_split_run, flower_run
 
 from fellrec.cli import main
 from fellrec.config import load_config
 from fellrec.run import run
 from fellrec.runtime.flower import deploy
-from fellrec.runtime.flower.client import ClientState
-from test_flower import SPLIT, THREE, assert_same_run, embedded_runs, embedded_split_run, flower_run
+from fellrec.runtime.flower.state import ClientState
 
 
 @pytest.fixture(autouse=True)

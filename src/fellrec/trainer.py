@@ -26,7 +26,7 @@ import torch
 from fellrec.adapters import adapter_parameters, get_adapter, set_adapter
 from fellrec.config import TrainConfig
 from fellrec.evaluate import evaluate
-from fellrec.split import Samples
+from fellrec.holdout import Samples
 from fellrec.strategies import ClientUpdate, Payload, Tensors
 from fellrec.train import BatchSampler, inference, make_optimizer, mean_loss, train_steps
 

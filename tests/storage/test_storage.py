@@ -9,10 +9,10 @@ from fellrec.adapters import adapter_parameters, add_lora
 from fellrec.backbones import text
 from fellrec.config import LoraConfig
 from fellrec.llm import tiny_random
-from fellrec.storage.client import SplitDecoder
+from fellrec.storage.decoder import SplitDecoder
 from fellrec.storage.parts import adapter_of, cut
-from fellrec.storage.server import TrunkServer
 from fellrec.storage.transport import InProcessTransport, Message, decode, encode
+from fellrec.storage.trunk import TrunkServer
 
 TEXTS = ["the matrix (1999)", "toy story (1995)", "heat (1995)", "alien (1979)", "fargo (1996)"] * 4
 

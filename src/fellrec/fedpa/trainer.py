@@ -4,7 +4,7 @@ sets up the strategy and every user's trainer for FedPA or one of its baselines.
 Every trainer points at the SAME ``FedPAModel`` (one frozen foundation model in memory); a
 client's own state is a few small tensors (its user-attribute embedding rows and user adapter for
 FedPA), kept here and passed to the model per call. The trainer follows the runtime's
-ClientTrainer protocol (``fellrec.client.AdapterTrainer``): ``steps_per_round``,
+ClientTrainer protocol (``fellrec.trainer.AdapterTrainer``): ``steps_per_round``,
 ``fit(payload, rnd, on_step)``, ``evaluate(payload, rnd)``, ``test()``, ``state()``/``load_state()``.
 
 - ``fit``: tensors = defaults, overridden by the client's own, overridden by the payload's; one
@@ -19,7 +19,7 @@ ClientTrainer protocol (``fellrec.client.AdapterTrainer``): ``steps_per_round``,
   on its own validation samples: ``logloss`` by default, since one user's AUC is often undefined).
 
 Training is reproducible from (seed, round, client): the batch order and the LDP noise come from
-a generator seeded with them (``fellrec.client.derive_seed``).
+a generator seeded with them (``fellrec.trainer.derive_seed``).
 
 Algorithms (``ALGORITHMS``: model variant, server strategy):
 
@@ -42,15 +42,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fellrec.client import derive_seed
 from fellrec.data.tables import Dataset
 from fellrec.fedpa.features import FeatureTable, UserSplit
 from fellrec.fedpa.metrics import auc, ctr_metrics, logloss
 from fellrec.fedpa.model import CTRModel, FedPAModel, Tensors
-from fellrec.strategies.base import ClientUpdate, Payload, Strategy
-from fellrec.strategies.fedavg import FedAvg
+from fellrec.strategies import ClientUpdate, Payload, Strategy, make_strategy
 from fellrec.strategies.fedpa import FedPA
-from fellrec.strategies.local import Local
+from fellrec.trainer import derive_seed
 
 ALGORITHMS: dict[str, tuple[str, str]] = {
     "fedpa": ("fedpa", "fedpa"),
@@ -277,7 +275,8 @@ def build_federation(ds: Dataset, feats: FeatureTable, split: UserSplit, base: C
     groups = list(model.group_cards)
     client_groups = {c: {a: int(feats.user_codes[u, feats.user_field(a)]) for a in groups}
                      for c, u in user_of.items()}
-    strategy = make_strategy(server, initial, clients, client_groups, weighting=weighting, ldp_scale=ldp_scale)
+    strategy = make_strategy(server, initial, clients, client_groups=client_groups, weighting=weighting,
+                             ldp_scale=ldp_scale)
     options = {"lr": lr, "batch_size": batch_size, "local_epochs": local_epochs, "seed": seed,
                "select_by": select_by, "ldp_scale": ldp_scale}
     trainers = {c: user_trainer(c, model, data[u], torch.from_numpy(feats.user_codes[u]), algorithm, initial,
@@ -297,15 +296,6 @@ def federation_model(base: CTRModel, feats: FeatureTable, variant: str, group_at
     groups = list(group_attributes) if variant == "fedpa" else []
     return FedPAModel(base, torch.from_numpy(feats.item_codes), group_cards={a: len(feats.vocab[a]) for a in groups},
                       **options)
-
-
-def make_strategy(server: str, initial: Tensors, clients: list[str], client_groups: dict[str, dict[str, int]], *,
-                  weighting: str = "samples", ldp_scale: float = 0.0) -> Strategy:
-    if server == "fedpa":
-        return FedPA(initial, clients, client_groups=client_groups, weighting=weighting, ldp_scale=ldp_scale)
-    if server == "fedavg":
-        return FedAvg(initial, clients)
-    return Local(initial, clients)
 
 
 def user_trainer(client: str, model: FedPAModel, data: ClientData, user_codes: torch.Tensor, algorithm: str,

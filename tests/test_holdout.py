@@ -6,7 +6,7 @@ import pytest
 
 from fellrec.data.tables import Dataset
 from fellrec.errors import ConfigError
-from fellrec.split import build_samples, filter_min_rating, kcore, split
+from fellrec.holdout import build_samples, filter_min_rating, kcore, split
 
 
 def naive_kcore(pairs: list[tuple], k: int) -> list[tuple]:

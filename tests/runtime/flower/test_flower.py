@@ -3,7 +3,7 @@ and whole runs that must equal the embedded runtime's.
 
 Here in process: the real ServerApp main loop and the real ClientApp, joined by a grid stand-in that
 delivers each message to the ClientApp at once (and can make a node vanish). The same runs on real
-Flower processes (a local deployment, the simulation engine) are in tests/test_flower_deploy.py.
+Flower processes (a local deployment, the simulation engine) are in tests/runtime/flower/test_flower_deploy.py.
 """
 
 import gc
@@ -24,13 +24,14 @@ from fellrec.config import dump, load_config
 from fellrec.errors import ConfigError
 from fellrec.run import run
 from fellrec.runtime.flower import deploy
-from fellrec.runtime.flower.client import ClientState, client_id
+from fellrec.runtime.flower.nodes import ClientFailed, Nodes
 from fellrec.runtime.flower.records import payload_content, read_payload, read_update, update_content
-from fellrec.runtime.flower.server import ClientFailed, Nodes, server_main
+from fellrec.runtime.flower.state import ClientState, ProcessCache, client_id
 from fellrec.strategies import ClientUpdate, Payload
 
 sys.path.insert(0, str(deploy.APP_DIR))
 from fellrec_flower.client_app import app as client_app
+from fellrec_flower.server_app import serve as server_app
 
 # LoRA dropout well above 0 and a large step: a validation or test that ran with dropout on (as a
 # fresh ClientApp process once did) would change the metrics, so the comparisons below would see it
@@ -210,7 +211,7 @@ def serve(cfg, run_dir, tmp_path, nodes=None, on_deliver=None):
           "wait-timeout": 5.0, "retries": 3, "collect-adapters": True}
     nodes = nodes or {100 + i: {"client-id": i, "state-dir": str(tmp_path / f"state-{i}")} for i in range(3)}
     grid = LocalGrid(rc, nodes, on_deliver)
-    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
     return grid
 
 
@@ -390,8 +391,7 @@ def test_split_mode_over_flower_reproduces_the_embedded_split_run(tmp_path, embe
 
 @pytest.mark.slow
 def test_a_split_client_holds_no_trunk_weights(tmp_path, monkeypatch):
-    from fellrec.runtime.flower import client as client_module
-    from fellrec.runtime.flower.client import ClientNode
+    from fellrec.runtime.flower.plain import ClientNode
     from fellrec.storage.model import SplitLM
 
     built = []
@@ -402,8 +402,7 @@ def test_a_split_client_holds_no_trunk_weights(tmp_path, monkeypatch):
         return original(self, transport)
 
     monkeypatch.setattr(SplitLM, "client_half", watched)
-    monkeypatch.setattr(client_module, "_BACKBONES", {})  # not the model an earlier test's clients shared
-    node = ClientNode(dump(load_config(None, SPLIT)), "0", tmp_path / "state")
+    node = ClientNode(dump(load_config(None, SPLIT)), "0", tmp_path / "state", ProcessCache())  # a model of its own
     gc.collect()
     assert built and all(ref() is None for ref in built)  # built whole to be cut, then freed
     model = node.backbone.model
@@ -469,7 +468,7 @@ def test_fedpa_over_flower_reproduces_the_embedded_run_through_a_restart(tmp_pat
         own = ClientState(folder).latest("fit", 2)
         assert own[0]["own"].numel() > 0 and own[1]["rounds"] == [1]  # the user's own rows and adapter
     with pytest.raises(ValueError, match=r"client-id=4: this FedPA run has clients 0\.\.3 \(one per private user\)"):
-        FedPANode(dump(cfg), "4", tmp_path / "state-4")
+        FedPANode(dump(cfg), "4", tmp_path / "state-4", ProcessCache())
 
 
 @pytest.mark.slow

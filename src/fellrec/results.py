@@ -1,0 +1,72 @@
+"""What a finished run says, in one schema for every runtime and algorithm: ``results.json`` (built by
+``record``) and ``test_users.csv`` (every test user's metrics, so that runs on the same users can be
+paired). Written by ``fellrec.rundir.finish``; read by the report and ``fellrec compare``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fellrec.evaluate import test_summary
+from fellrec.files import write_text
+
+TEST_USERS = "test_users.csv"
+
+
+def record(cfg, *, dataset: str, per_user: dict[str, np.ndarray], client_of: np.ndarray,
+           client_names: Mapping[Any, str], warnings: Iterable[str] = (), **parts: Any) -> dict[str, Any]:
+    """results.json's content: the run's identity, the test summary (``fellrec.evaluate.test_summary``),
+    the clients' names, the protocol's warnings, then ``parts`` (what the kind of run adds)."""
+    return {"name": cfg.name, "algorithm": cfg.train.algorithm, "backbone": cfg.model.backbone, "dataset": dataset,
+            **test_summary(per_user, client_of), "client_names": {str(c): n for c, n in client_names.items()},
+            "warnings": list(warnings), **parts}
+
+
+def rounds(runtime, cfg, *, select_by: str, steps_per_round: dict[str, int], best_round: dict[str, int],
+           samples: dict[str, int]) -> dict[str, Any]:
+    """The parts of a federated run: bytes each way, the rounds' time, the selected rounds, the sample counts."""
+    return {
+        "communication": {
+            "bytes_up": int(sum(runtime.bytes_up.values())), "bytes_down": int(sum(runtime.bytes_down.values())),
+            "per_client": {c: {"bytes_up": runtime.bytes_up[c], "bytes_down": runtime.bytes_down[c]}
+                           for c in runtime.bytes_up}},
+        "train_time_s": round(runtime.elapsed, 1),
+        "rounds": cfg.train.rounds,
+        "steps_per_round": steps_per_round,
+        "select_by": select_by,
+        "best_round": best_round,
+        "samples": samples,
+    }
+
+
+def write_test_users(out: Path, per_user: dict, client_of, users) -> Path:
+    """``test_users.csv``: one row per test user (``user``: the dataset's dense user id, ``client``,
+    then every metric; empty where the user has no ground truth). Runs on the same data share these
+    ids, so ``fellrec compare`` pairs their users."""
+    names = list(per_user)
+    lines = [",".join(["user", "client", *names])]
+    values = [np.asarray(per_user[m], dtype=float) for m in names]
+    for i, (u, c) in enumerate(zip(users, client_of, strict=True)):
+        cells = ["" if np.isnan(v[i]) else repr(float(v[i])) for v in values]
+        lines.append(",".join([str(int(u)), str(int(c)), *cells]))
+    return write_text(Path(out) / TEST_USERS, "\n".join(lines) + "\n")
+
+
+def read_test_users(out: Path) -> dict[str, dict[int, float]] | None:
+    """metric -> {user: value} from a run's ``test_users.csv`` (None when the run has none)."""
+    path = Path(out) / TEST_USERS
+    if not path.exists():
+        return None
+    rows = path.read_text(encoding="utf-8").splitlines()
+    names = rows[0].split(",")[2:]
+    out_: dict[str, dict[int, float]] = {m: {} for m in names}
+    for row in rows[1:]:
+        cells = row.split(",")
+        user = int(cells[0])
+        for m, cell in zip(names, cells[2:], strict=True):
+            if cell:
+                out_[m][user] = float(cell)
+    return out_

@@ -1,0 +1,97 @@
+"""What a SuperNode keeps for its client: who it is, its private state on disk, and the process cache.
+
+A SuperNode starts a fresh ClientApp process for every message, so a client's state lives on its
+disk, under ``<state-dir>/<run name>-<config hash>/client-<id>/`` (``state-dir`` from the
+SuperNode's ``--node-config``): one ``<kind>-<round>.safetensors`` file per kind of state and round
+(see docs/FLOWER.md). A handler for round r reads the newest file of a round before r, never one of
+round r itself, so a message delivered again after a crash gives the same reply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+
+from fellrec.files import save_tensors
+
+CONFIG_KEY = "fellrec-config"
+
+
+def client_id(context: Context) -> str:
+    """fellrec's client id: ``client-id`` of the node config; Flower's simulation only has ``partition-id``."""
+    nc = context.node_config
+    value = nc.get("client-id", nc.get("partition-id"))
+    if value is None:
+        raise ValueError("node config has no client-id: start the SuperNode with --node-config 'client-id=N'")
+    return str(value)
+
+
+def state_root(context: Context) -> Path:
+    value = context.node_config.get("state-dir")
+    if value:
+        return Path(str(value)).expanduser()
+    base = os.environ.get("FELLREC_CACHE", str(Path.home() / ".cache" / "fellrec"))
+    return Path(base) / "flower-state"
+
+
+def run_key(config_text: str, name: str) -> str:
+    return f"{name}-{hashlib.sha256(config_text.encode()).hexdigest()[:10]}"
+
+
+class ClientState:
+    """One client's private state on disk: ``<kind>-<round>.safetensors`` files; the two newest of
+    each kind are kept."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def rounds(self, kind: str) -> list[int]:
+        pattern = re.compile(rf"{kind}-(\d+)\.safetensors")
+        return sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := pattern.fullmatch(p.name)))
+
+    def latest(self, kind: str, at_most: int) -> tuple[dict, dict[str, Any]] | None:
+        """(tensors, meta) of the newest ``kind`` file of a round ≤ ``at_most``, or None."""
+        from safetensors import safe_open
+
+        found = [r for r in self.rounds(kind) if r <= at_most]
+        if not found:
+            return None
+        with safe_open(str(self.folder / f"{kind}-{found[-1]}.safetensors"), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("fellrec", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        return tensors, meta
+
+    def save(self, kind: str, rnd: int, tensors: dict, meta: dict[str, Any] | None = None) -> None:
+        save_tensors(self.folder / f"{kind}-{rnd}.safetensors", tensors, {"fellrec": json.dumps(meta or {})})
+        for old in self.rounds(kind)[:-2]:
+            (self.folder / f"{kind}-{old}.safetensors").unlink(missing_ok=True)
+
+
+class ProcessCache:
+    """What one ClientApp process keeps across the messages it serves: Flower's simulation serves many
+    clients and messages from one process, which then share one base model as in the embedded runtime
+    (each client loads its own adapter into it before it works). A deployment's process starts empty.
+
+    One value per kind (``node``, ``backbone``, ...): asking for another key replaces it.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[Any, Any]] = {}
+
+    def get(self, kind: str, key: Any, build: Callable[[], Any]) -> Any:
+        found = self._kept.get(kind)
+        if found is None or found[0] != key:
+            self._kept.pop(kind, None)  # let the old value go before the new one is built
+            self._kept[kind] = (key, build())
+        return self._kept[kind][1]
+
+    def clear(self) -> None:
+        self._kept.clear()
