@@ -18,7 +18,7 @@ from fellrec.cli import main
 from fellrec.config import dump, load_config
 from fellrec.errors import ConfigError
 from fellrec.run import run
-from fellrec.rundir import read_test_users
+from fellrec.results import read_test_users
 
 FAST = ["model.name_or_path=tiny-random", "partition.method=attribute", "partition.attribute=gender",
         "train.batch_size=4", "train.local_steps=2", "train.max_train_samples=64", "eval.max_valid_samples=12",
@@ -246,7 +246,7 @@ def test_scores_do_not_depend_on_the_mode_the_model_was_left_in(tmp_path, backbo
 
 
 @pytest.mark.parametrize("where", ["fellrec/report.py:plot_convergence", "fellrec/report.py:render_report",
-                                   "fellrec/run.py:finish"])
+                                   "fellrec/rundir.py:finish"])
 def test_resume_after_a_kill_while_the_outputs_are_written_completes_them(tmp_path, where):
     args = [a for s in [*FAST, "train.rounds=1", "name=x"] for a in ("--set", s)]
     assert main(["run", "--quiet", "--runs-dir", str(tmp_path / "a"), *args]) == 0

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -52,15 +54,62 @@ class BatchSampler:
         batch, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
         return batch
 
+    def state(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state, "order": self.order.copy(), "epochs": self.epochs}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.order, self.epochs = np.asarray(state["order"], dtype=np.int64), int(state["epochs"])
+
+
+@dataclass
+class Loop:
+    """What one ``train_steps`` call works with, for a ``StepHook`` to save and restore: the optimizer,
+    the scheduler and the sampler, and torch's random state (dropout)."""
+
+    module: nn.Module
+    optimizer: Any
+    scheduler: Any
+    sampler: BatchSampler
+
+    def state(self) -> dict[str, Any]:
+        device = next((p.device for p in self.module.parameters()), torch.device("cpu"))
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "sampler": self.sampler.state(), "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state(state["sampler"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None:
+            device = next(p.device for p in self.module.parameters())
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+class StepHook(Protocol):
+    """Lets one local training span several processes (split mode over Flower): ``resume`` restores
+    what a step saved and says which steps are done, ``step_done`` may save after each step."""
+
+    def resume(self, loop: Loop) -> list[float]:
+        """The losses of the steps already done (none: start from step 0), their state restored."""
+
+    def step_done(self, loop: Loop, losses: list[float]) -> None:
+        """After a step; ``losses`` of every step so far."""
+
 
 def train_steps(module: nn.Module, loss: Callable[[Samples], Tensor], samples: Samples, *, steps: int,
                 sampler: BatchSampler, optimizer, scheduler=None, grad_clip: float = 0.0,
-                on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """Run ``steps`` optimizer steps; returns the loss of each step."""
+                on_step: Callable[[int, float], None] | None = None, hook: StepHook | None = None) -> list[float]:
+    """Run ``steps`` optimizer steps (those ``hook`` says are done are skipped); returns the loss of each."""
     params = [p for p in module.parameters() if p.requires_grad]
-    losses = []
+    loop = Loop(module, optimizer, scheduler, sampler)
+    losses = list(hook.resume(loop)) if hook is not None else []
     module.train()
-    for step in range(steps):
+    for step in range(len(losses), steps):
         value = loss(samples.take(sampler.next()))
         optimizer.zero_grad(set_to_none=True)
         value.backward()
@@ -70,6 +119,8 @@ def train_steps(module: nn.Module, loss: Callable[[Samples], Tensor], samples: S
         if scheduler is not None:
             scheduler.step()
         losses.append(float(value.detach()))
+        if hook is not None:
+            hook.step_done(loop, losses)
         if on_step is not None:
             on_step(step, losses[-1])
     module.eval()

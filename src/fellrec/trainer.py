@@ -28,7 +28,7 @@ from fellrec.config import TrainConfig
 from fellrec.evaluate import evaluate
 from fellrec.holdout import Samples
 from fellrec.strategies import ClientUpdate, Payload, Tensors
-from fellrec.train import BatchSampler, inference, make_optimizer, mean_loss, train_steps
+from fellrec.train import BatchSampler, StepHook, inference, make_optimizer, mean_loss, train_steps
 
 
 def derive_seed(seed: int, rnd: int, client: str) -> int:
@@ -58,9 +58,6 @@ class AdapterTrainer:
         self.best: Tensors = dict(self.private)
         self.best_score: float | None = None
         self.best_round = 0
-        # the local training loop (``fellrec.train.train_steps``); a runtime may wrap it, as split mode
-        # over Flower does to restart a round from the client's last completed step
-        self.train_loop = train_steps
 
     def _steps(self, t: TrainConfig) -> int:
         if t.local_epochs > 0:
@@ -69,8 +66,9 @@ class AdapterTrainer:
 
     # ---- ClientTrainer -------------------------------------------------------------------------
 
-    def fit(self, payload: Payload, rnd: int, on_step=None) -> ClientUpdate:
-        """Local training from ``payload`` in round ``rnd``; returns what the client sends back."""
+    def fit(self, payload: Payload, rnd: int, on_step=None, hook: StepHook | None = None) -> ClientUpdate:
+        """Local training from ``payload`` in round ``rnd``; returns what the client sends back. ``hook``:
+        see ``fellrec.train.StepHook`` (split mode over Flower resumes a round from its last step)."""
         model, t = self.backbone.model, self.settings
         load_full(model, self.client, {**self.private, **payload.tensors})
         seed = derive_seed(self.seed, rnd, self.client)
@@ -89,9 +87,9 @@ class AdapterTrainer:
             loss = proximal(loss, adapter_parameters(model), payload.tensors, mu)
         losses = []
         if len(self.train) and self.steps_per_round:
-            losses = self.train_loop(model, loss, self.train, steps=self.steps_per_round,
+            losses = train_steps(model, loss, self.train, steps=self.steps_per_round,
                                  sampler=BatchSampler(len(self.train), t.batch_size, seed), optimizer=optimizer,
-                                 scheduler=scheduler, grad_clip=t.grad_clip, on_step=on_step)
+                                 scheduler=scheduler, grad_clip=t.grad_clip, on_step=on_step, hook=hook)
         self.private = read_full(model)
         shared = {k: v for k, v in self.private.items() if k not in self.kept} if payload.config.get("share", True) \
             else {}
@@ -194,6 +192,13 @@ class WithTrunk:
     def step(self) -> None:
         self.optimizer.step()
         self.step_trunk()
+
+    def state_dict(self) -> dict:
+        """The client's optimizer's state (the trunk's is the server's)."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
 
 
 def proximal(loss, params: dict[str, torch.nn.Parameter], anchor: Tensors, mu: float):

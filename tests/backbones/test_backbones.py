@@ -79,9 +79,11 @@ def test_grounding_finds_the_written_title_and_masking_hides_history(lm):
     assert scores.argmax(1).tolist() == [2, 6]
     assert torch.allclose(scores[0, 2], torch.tensor(0.0), atol=1e-4)  # identical text: distance 0
     # The model "writes" Beta; Beta is the target. Unmasked it is a hit at rank 1; masked as history, never.
-    bb.generate = lambda batch: ["Beta (1991)"] * len(batch)
-    hit = evaluate(bb.rank, samples([[0]], [[1]], [[0]]), ks=(1,))["hit@1"]
-    masked = evaluate(bb.rank, samples([[0]], [[1]], [[0, 1]]), ks=(1, 5))
+    def writes_beta(batch):  # BIGRec's rank: grounding what the model generates
+        return bb.ground(["Beta (1991)"] * len(batch))
+
+    hit = evaluate(writes_beta, samples([[0]], [[1]], [[0]]), ks=(1,))["hit@1"]
+    masked = evaluate(writes_beta, samples([[0]], [[1]], [[0, 1]]), ks=(1, 5))
     assert hit.tolist() == [1.0]
     assert masked["hit@1"].tolist() == [0.0] and masked["hit@5"].tolist() == [0.0]
 

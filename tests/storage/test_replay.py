@@ -2,7 +2,6 @@
 (``ClientSplitLM``) and a trunk server whose clients interleave (``ConcurrentTrunkServer``): what the
 Flower runtime's split mode is built from, checked here without Flower."""
 
-import itertools
 
 import pytest
 import torch
@@ -124,7 +123,7 @@ def test_clients_interleaved_on_a_concurrent_trunk_server_train_as_one_after_the
     losses = {}
     for c, batch in (("a", data[0]), ("b", data[1])):  # both forwards before either backward
         decoder = SplitDecoder(client, InProcessTransport(server), client=c)
-        decoder.requests = itertools.count(10 if c == "b" else 0)
+        decoder.restart(10 if c == "b" else 0)
         states = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         losses[c] = (lm_loss(states, client.lm_head, batch), decoder)
     assert len(server.pending) == 2

@@ -91,6 +91,10 @@ class BIGRec:
             return text.encode(self.model, self.tok, texts, max_len=self.max_len, pooling="last",
                                batch_size=self.embed_batch_size)
 
+    def use_item_embeddings(self, embeddings: Tensor) -> None:
+        """Ground with ``embeddings`` as the items' (split mode: the server computed them)."""
+        self._item_emb = embeddings.to(text.device_of(self.model))
+
     def item_embeddings(self) -> Tensor:
         if self._item_emb is None:
             if self.cache_key is None:

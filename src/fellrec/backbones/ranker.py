@@ -75,9 +75,20 @@ class TextRanker:
                     self._items = self.item_vectors()
         return self._items
 
+    def use_item_table(self, items: Tensor) -> None:
+        """Rank with ``items`` as the frozen item table (split mode: the server computed it)."""
+        self._items = items.to(text.device_of(self.model))
+
     def reseed(self, seed: int) -> None:
         """Restart the negative sampling from ``seed`` (a client's round is then reproducible)."""
         self.rng = np.random.default_rng(seed)
+
+    def random_state(self) -> dict:
+        """Where the negative sampling stands (to continue a local training in another process)."""
+        return self.rng.bit_generator.state
+
+    def set_random_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
 
     def refresh(self) -> None:
         """Forget the cached item table (an adapted item side changed with training)."""

@@ -49,6 +49,17 @@ class SplitDecoder(torch.nn.Module):
         self.requests = itertools.count()
         self.sessions = itertools.count()  # generation sessions (the trunk's key/value caches on the server)
 
+    def restart(self, request: int = 0) -> None:
+        """Number this client's trunk requests from ``request`` on (and its generation sessions from 0)."""
+        self.requests = itertools.count(request)
+        self.sessions = itertools.count()
+
+    def next_request(self) -> int:
+        """The number the next trunk request will get."""
+        following = next(self.requests)
+        self.requests = itertools.count(following)
+        return following
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, use_cache: bool = False, **_) -> SimpleNamespace:
         pos = positions(attention_mask)
         return self._rest(self.part.run_head(input_ids, attention_mask, pos), attention_mask, pos)

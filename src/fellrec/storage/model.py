@@ -34,20 +34,16 @@ from fellrec.storage.transport import InProcessTransport, Message, Transport
 from fellrec.storage.trunk import TrunkServer
 
 
-class SplitLM(nn.Module):
+class _SplitModel(nn.Module):
+    """What the backbones see of a cut model, whole (``SplitLM``) or the client's half
+    (``ClientSplitLM``): the client's part, its decoder, and the calls that reach the trunk."""
+
     fellrec_split = True  # how text.decoder, text.lm_head and adapters.adapter_parameters recognise it
 
-    def __init__(self, model: nn.Module, k: int, tail: int = 1):
+    def __init__(self, client: ClientPart, k: int, tail: int):
         super().__init__()
-        client, trunk = cut(model, k, tail)
         self.client = client  # the only registered submodule: parameters() are the client's
-        self._whole = [model]  # kept out of the module tree; for disable_adapter in this process
-        self.server = TrunkServer(trunk)
-        self.transport = InProcessTransport(self.server)
-        self.decoder = SplitDecoder(client, self.transport, client="")
         self.k, self.tail = k, tail
-
-    # ---- what the backbones and fellrec.adapters use ---------------------------------------------
 
     def use_client(self, client: str) -> None:
         self.decoder.client = client
@@ -55,41 +51,8 @@ class SplitLM(nn.Module):
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return trainable(self.client)
 
-    def trunk_names(self) -> list[str]:
-        return list(trainable(self.server.trunk))
-
-    def trunk_adapter(self) -> dict[str, torch.Tensor]:
-        return self.server.adapter(self.decoder.client)
-
-    def set_trunk_adapter(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.server.set_adapter(self.decoder.client, tensors)
-
-    def reset_trunk_optimizer(self, make: Callable | None) -> None:
-        self.server.reset_optimizer(self.decoder.client, make)
-
     def step_trunk(self) -> None:
         self.decoder.step()
-
-    def disable_adapter(self):
-        """Adapters off on every part (in this process the parts share the whole model's layers)."""
-        return self._whole[0].disable_adapter()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.server.trunk.train(mode)
-        return self
-
-    def client_half(self, transport: Transport) -> ClientSplitLM:
-        """The client's part alone, talking to the trunk through ``transport``. The trunk blocks are
-        taken out of the whole model, so once this ``SplitLM`` is dropped, no trunk weight is left in
-        this process."""
-        inner = self._whole[0].get_base_model() if hasattr(self._whole[0], "get_base_model") else self._whole[0]
-        for i in self.server.trunk.block_indices():
-            inner.model.layers[i] = nn.Identity()
-        half = ClientSplitLM(self.client, transport, self.k, self.tail)
-        half.train(self.training)
-        self.server = self._whole = self.transport = self.decoder.transport = None
-        return half
 
     def generate(self, input_ids, attention_mask, *, num_beams: int = 4, max_new_tokens: int = 32,
                  eos_token_id: int, pad_token_id: int | None = None, do_sample: bool = False):
@@ -113,7 +76,52 @@ class SplitLM(nn.Module):
         return torch.cat([input_ids, tail], dim=1)
 
 
-class ClientSplitLM(SplitLM):
+class SplitLM(_SplitModel):
+    def __init__(self, model: nn.Module, k: int, tail: int = 1):
+        client, trunk = cut(model, k, tail)
+        super().__init__(client, k, tail)
+        self._whole = [model]  # kept out of the module tree; for disable_adapter in this process
+        self.server = TrunkServer(trunk)
+        self.transport = InProcessTransport(self.server)
+        self.decoder = SplitDecoder(client, self.transport, client="")
+
+    # ---- what the backbones and fellrec.adapters use ---------------------------------------------
+
+    def trunk_names(self) -> list[str]:
+        return list(trainable(self.server.trunk))
+
+    def trunk_adapter(self) -> dict[str, torch.Tensor]:
+        return self.server.adapter(self.decoder.client)
+
+    def set_trunk_adapter(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.server.set_adapter(self.decoder.client, tensors)
+
+    def reset_trunk_optimizer(self, make: Callable | None) -> None:
+        self.server.reset_optimizer(self.decoder.client, make)
+
+    def disable_adapter(self):
+        """Adapters off on every part (in this process the parts share the whole model's layers)."""
+        return self._whole[0].disable_adapter()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.server.trunk.train(mode)
+        return self
+
+    def client_half(self, transport: Transport) -> ClientSplitLM:
+        """The client's part alone, talking to the trunk through ``transport``. The trunk blocks are
+        taken out of the whole model, so once this ``SplitLM`` is dropped, no trunk weight is left in
+        this process."""
+        inner = self._whole[0].get_base_model() if hasattr(self._whole[0], "get_base_model") else self._whole[0]
+        for i in self.server.trunk.block_indices():
+            inner.model.layers[i] = nn.Identity()
+        half = ClientSplitLM(self.client, transport, self.k, self.tail)
+        half.train(self.training)
+        self.server = self._whole = self.transport = self.decoder.transport = None
+        return half
+
+
+class ClientSplitLM(_SplitModel):
     """The client's part of a split model whose trunk runs elsewhere, behind ``transport``.
 
     ``transport`` may be replaced between calls (the Flower client gives it a new one for every
@@ -122,12 +130,16 @@ class ClientSplitLM(SplitLM):
     """
 
     def __init__(self, client: ClientPart, transport: Transport, k: int, tail: int):
-        nn.Module.__init__(self)
-        self.client = client
+        super().__init__(client, k, tail)
         self.transport = transport
         self.decoder = SplitDecoder(client, _Flagged(self), client="")
-        self.k, self.tail = k, tail
         self.adapter_on = True
+
+    def new_exchange(self, transport: Transport) -> None:
+        """Talk to the trunk through ``transport`` from now on, numbering requests from 0 again (a
+        Flower message's pass starts its exchange from the start)."""
+        self.transport = transport
+        self.decoder.restart()
 
     def trunk_names(self) -> list[str]:
         return []
@@ -150,9 +162,6 @@ class ClientSplitLM(SplitLM):
                 yield
             finally:
                 self.adapter_on = True
-
-    def train(self, mode: bool = True):
-        return nn.Module.train(self, mode)
 
 
 class _Flagged:

@@ -68,6 +68,14 @@ class ReplayTransport:
         self.stopped = False
         self.bytes_up = self.bytes_down = self.messages = 0
 
+    def counts(self) -> tuple[int, int, int]:
+        """(bytes up, bytes down, messages) carried so far."""
+        return self.bytes_up, self.bytes_down, self.messages
+
+    def restore_counts(self, counts: tuple[int, int, int]) -> None:
+        """Go on counting from ``counts`` (what the exchange carried up to a checkpoint, in another process)."""
+        self.bytes_up, self.bytes_down, self.messages = counts
+
     @property
     def clean(self) -> bool:
         """No placeholder handed out and nothing waiting for the server: what the pass computed so far

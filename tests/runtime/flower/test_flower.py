@@ -390,21 +390,17 @@ def test_split_mode_over_flower_reproduces_the_embedded_split_run(tmp_path, embe
 
 
 @pytest.mark.slow
-def test_a_split_client_holds_no_trunk_weights(tmp_path, monkeypatch):
-    from fellrec.runtime.flower.plain import ClientNode
-    from fellrec.storage.model import SplitLM
+def test_a_split_client_holds_no_trunk_weights(tmp_path):
+    from fellrec.build import build_backbone
+    from fellrec.runtime.flower.plain import ClientNode, keep_client_half
 
-    built = []
-    original = SplitLM.client_half
-
-    def watched(self, transport):
-        built.extend(weakref.ref(p) for p in self.server.trunk.parameters())
-        return original(self, transport)
-
-    monkeypatch.setattr(SplitLM, "client_half", watched)
-    node = ClientNode(dump(load_config(None, SPLIT)), "0", tmp_path / "state", ProcessCache())  # a model of its own
+    cfg = load_config(None, SPLIT)
+    backbone = build_backbone(cfg, ["Heat (1995)", "Up (2009)", "Alien (1979)"], "ml-100k")
+    trunk = [weakref.ref(p) for p in backbone.model.server.trunk.parameters()]
+    keep_client_half(backbone)  # what a split client does with the model it builds whole
     gc.collect()
-    assert built and all(ref() is None for ref in built)  # built whole to be cut, then freed
+    assert trunk and all(ref() is None for ref in trunk)  # built whole to be cut, then freed
+    node = ClientNode(dump(cfg), "0", tmp_path / "state", ProcessCache())  # a model of its own
     model = node.backbone.model
     assert {n.split(".")[1] for n, _ in model.named_parameters()} <= {"embed_tokens", "tail", "norm", "lm_head"}
     assert node.initial and not any(".layers.0." in k for k in node.initial)  # block 0 is the server's

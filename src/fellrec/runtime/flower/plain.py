@@ -14,6 +14,7 @@ test, and the same run folder as ``fellrec run`` (``serve``).
 
 from __future__ import annotations
 
+import gc
 import logging
 import pickle
 from collections.abc import Callable
@@ -50,6 +51,7 @@ from fellrec.runtime.flower.records import (
 from fellrec.runtime.flower.runtime import FlowerClients
 from fellrec.runtime.flower.state import CONFIG_KEY, ClientState, ProcessCache, run_key
 from fellrec.runtime.rounds import Rounds
+from fellrec.storage.replay import ReplayTransport
 from fellrec.strategies import make_strategy
 from fellrec.trainer import AdapterTrainer, read_full
 
@@ -164,13 +166,15 @@ def _backbone(cfg: Config, data: dict[str, Any]) -> tuple[Any, dict]:
     (the trunk is the ServerApp's)."""
     backbone = build_backbone(cfg, data["titles"], data["dataset"])
     if cfg.storage.k is not None:
-        import gc
-
-        from fellrec.storage.replay import ReplayTransport
-
-        backbone.model = backbone.model.client_half(ReplayTransport())
-        gc.collect()
+        keep_client_half(backbone)
     return backbone, read_full(backbone.model)
+
+
+def keep_client_half(backbone) -> None:
+    """Replace the backbone's whole split model by the client's half (talking to the trunk through
+    message replays, ``fellrec.storage.replay``), so that no trunk weight is left in this process."""
+    backbone.model = backbone.model.client_half(ReplayTransport())
+    gc.collect()
 
 
 # ---- the server ---------------------------------------------------------------------------------

@@ -59,11 +59,9 @@ is lost in the middle of an exchange fails the run.
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +70,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fellrec.adapters import get_adapter, set_adapter
-from fellrec.backbones import text
 from fellrec.build import build_backbone
 from fellrec.files import atomic, save_tensors, write_text
 from fellrec.runtime.flower import plain
@@ -209,9 +206,7 @@ def run_pass(model, session: Session, work: Callable[[], Any], *, max_bytes: int
     """``work()`` over the trunk replies received so far: (its result, or None if it needs more replies;
     the transport, whose ``pending`` requests go to the server)."""
     transport = ReplayTransport(session.replies(), max_bytes=max_bytes, sent=session.sent())
-    model.transport = transport
-    model.decoder.requests = itertools.count()
-    model.decoder.sessions = itertools.count()
+    model.new_exchange(transport)
     model.eval()  # as after a completed local training (a pass cut short may have left it training)
     try:
         result = work()
@@ -228,79 +223,36 @@ def run_pass(model, session: Session, work: Callable[[], Any], *, max_bytes: int
     return result, transport
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+class SessionSteps:
+    """``train_steps``'s hook (``fellrec.train.StepHook``) in split mode: before the first step, the
+    state of the session's checkpoint is restored (the client's part of the adapter, the loop's
+    optimizer, scheduler, sampler and random state, the ranker's negative sampling, the request
+    number, the bytes so far); after every step completed with real replies, a checkpoint is written."""
 
+    def __init__(self, node, session: Session, transport: ReplayTransport):
+        self.session, self.transport = session, transport
+        self.model, self.backbone = node.backbone.model, node.backbone
 
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    def resume(self, loop) -> list[float]:
+        found = self.session.checkpoint()
+        if found is None:
+            return []
+        set_adapter(self.model, found["adapter"])
+        loop.load_state(found["loop"])
+        if found["backbone_rng"] is not None:
+            self.backbone.set_random_state(found["backbone_rng"])
+        self.model.decoder.restart(found["requests"])
+        self.transport.restore_counts(tuple(found["bytes"]))
+        return list(found["losses"])
 
-
-@contextmanager
-def resumable(node, session: Session, transport: ReplayTransport) -> Iterator[None]:
-    """``AdapterTrainer.fit`` with its training loop restarting from the session's checkpoint and
-    writing one after every step it completes with real replies.
-
-    ``fit`` calls the trainer's ``train_loop``; for the time of the pass it is a wrapper that
-    restores the state (everything ``train_steps`` and the loss draw from) and runs the real
-    ``train_steps`` for the remaining steps.
-    """
-    trainer = node.trainer
-    real = trainer.train_loop
-    model, backbone = node.backbone.model, node.backbone
-    device = next(model.parameters()).device
-
-    def steps_from_checkpoint(module, loss, samples, *, steps, sampler, optimizer, scheduler=None, grad_clip=0.0,
-                              on_step=None):
-        inner = getattr(optimizer, "optimizer", optimizer)  # WithTrunk: the client's optimizer inside
-        done: list[float] = []
-        found = session.checkpoint()
-        if found is not None:
-            set_adapter(model, found["adapter"])
-            inner.load_state_dict(found["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(found["scheduler"])
-            sampler.rng.bit_generator.state = found["sampler"]["rng"]
-            sampler.order, sampler.epochs = found["sampler"]["order"], found["sampler"]["epochs"]
-            _set_rng_state(found["rng"], device)
-            if hasattr(backbone, "rng"):
-                backbone.rng.bit_generator.state = found["backbone_rng"]
-            model.decoder.requests = itertools.count(found["requests"])
-            transport.bytes_up, transport.bytes_down, transport.messages = found["bytes"]
-            done = list(found["losses"])
-
-        def after(step: int, value: float) -> None:
-            done.append(value)
-            if transport.clean:
-                following = next(model.decoder.requests)
-                model.decoder.requests = itertools.count(following)
-                session.save_checkpoint({
-                    "adapter": get_adapter(model), "optimizer": inner.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "sampler": {"rng": sampler.rng.bit_generator.state, "order": sampler.order,
-                                "epochs": sampler.epochs},
-                    "rng": _rng_state(device),
-                    "backbone_rng": backbone.rng.bit_generator.state if hasattr(backbone, "rng") else None,
-                    "requests": following, "losses": list(done),
-                    "bytes": (transport.bytes_up, transport.bytes_down, transport.messages)})
-            if on_step is not None:
-                on_step(len(done) - 1, value)
-
-        before = list(done)
-        real(module, loss, samples, steps=steps - len(before), sampler=sampler, optimizer=optimizer,
-             scheduler=scheduler, grad_clip=grad_clip, on_step=after)
-        return done
-
-    trainer.train_loop = steps_from_checkpoint
-    try:
-        yield
-    finally:
-        trainer.train_loop = real
+    def step_done(self, loop, losses: list[float]) -> None:
+        if not self.transport.clean:
+            return
+        rng = self.backbone.random_state() if hasattr(self.backbone, "random_state") else None
+        self.session.save_checkpoint({
+            "adapter": get_adapter(self.model), "loop": loop.state(), "backbone_rng": rng,
+            "requests": self.model.decoder.next_request(), "losses": list(losses),
+            "bytes": self.transport.counts()})
 
 
 def install_public(node) -> None:
@@ -315,11 +267,10 @@ def install_public(node) -> None:
     if not path.exists():
         raise RuntimeError(f"split mode: {path} is missing: the server sends it at setup (query.split)")
     tensors = load_file(path)
-    device = text.device_of(backbone.model)
     if "items" in need:
-        backbone._items = tensors["items"].to(device)  # the ranker's frozen item table, as item_table() keeps it
+        backbone.use_item_table(tensors["items"])  # the ranker's frozen item table
     if "item_emb" in need:
-        backbone._item_emb = tensors["item_emb"].to(device)  # BIGRec's item embeddings (base model)
+        backbone.use_item_embeddings(tensors["item_emb"])  # BIGRec's item embeddings (base model)
 
 
 def public_names(cfg) -> list[str]:
@@ -369,8 +320,7 @@ class SplitNode:
         model = node.backbone.model
 
         def work():  # run_pass has given the model this pass's transport
-            with resumable(node, session, model.transport):
-                return node.trainer.fit(payload, rnd)
+            return node.trainer.fit(payload, rnd, hook=SessionSteps(node, session, model.transport))
 
         update, transport = run_pass(model, session, work, max_bytes=self.limit)
         if update is None:
@@ -419,6 +369,19 @@ class SplitNode:
 
 
 # ---- the server ---------------------------------------------------------------------------------
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class TrunkHost:
