@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from fellrec.cli import main
 from fellrec.config import dump, load_config
 from fellrec.errors import ConfigError
-from fellrec.run import run
 from fellrec.results import read_test_users
+from fellrec.run import run
 
 FAST = ["model.name_or_path=tiny-random", "partition.method=attribute", "partition.attribute=gender",
         "train.batch_size=4", "train.local_steps=2", "train.max_train_samples=64", "eval.max_valid_samples=12",
@@ -220,10 +220,10 @@ def test_resume_after_a_kill_in_the_test_phase_gives_the_same_results(tmp_path):
 def test_scores_do_not_depend_on_the_mode_the_model_was_left_in(tmp_path, backbone):
     """Scoring straight after building the backbone (a resumed run, a Flower message) or after
     training gives the same numbers: every scoring path runs in eval mode, without gradients."""
+    from fellrec.build import build_backbone, catalogue, pick_test, trainer_options
     from fellrec.pipeline import prepare
-    from fellrec.run import build_backbone, catalogue, pick_test, read_full, trainer_options
     from fellrec.strategies import Payload
-    from fellrec.trainer import AdapterTrainer
+    from fellrec.trainer import AdapterTrainer, read_full
 
     cfg = load_config(None, [*NOISY, f"model.backbone={backbone}", "model.num_beams=2", "model.max_new_tokens=6",
                              "eval.select_by=recall@10"])
@@ -334,7 +334,7 @@ def test_a_failed_start_of_a_resumed_run_keeps_its_checkpoint(tmp_path):
 
 
 def test_device_choice():
-    from fellrec.run import pick_device
+    from fellrec.build import pick_device
 
     assert pick_device("cpu").type == "cpu"
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -207,9 +207,9 @@ def cmd_flower_run(args) -> None:
             _flower_runs(args, configs, None, deploy.CONNECTION)
             return
         if configs[0].model.backbone == "ctr":  # FedPA: one client per private user
-            from fellrec.runtime.flower.fedpa import private_users
+            from fellrec.pipeline import prepare_ctr
 
-            clients = private_users(configs[0])
+            clients = prepare_ctr(configs[0]).num_clients
         else:
             clients = prepare(configs[0]).num_clients  # the algorithms of CONFIG share its clients
         dep = deploy.SimulationDeployment(Path(args.home) / "simulation", clients, client_cpus=args.client_cpus,
@@ -259,7 +259,7 @@ def _flower_runs(args, configs, cli_home, connection: str) -> None:
                           "round-timeout": float(args.round_timeout)}
             run_id = deploy.submit(cli_home, connection, run_config, Path(args.runs_dir).resolve() /
                                    f".{cfg.name}.flower-run-config.toml", args.federation_config)
-            algorithm = f"fedpa:{cfg.fedpa.algorithm}" if cfg.model.backbone == "ctr" else cfg.train.algorithm
+            algorithm = f"fedpa:{cfg.train.algorithm}" if cfg.model.backbone == "ctr" else cfg.train.algorithm
             print(f"run {run_id} submitted to '{connection}': {cfg.name} ({algorithm}, {cfg.train.rounds} rounds)",
                   flush=True)
             seen = [0]
@@ -285,8 +285,9 @@ def _flower_runs(args, configs, cli_home, connection: str) -> None:
 def format_results(r: dict, metrics: tuple[str, ...] = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")) -> str:
     """Per-client and overall test metrics as a table, then the imbalance across clients and the costs."""
     from fellrec.report import human_bytes
+    from fellrec.results import task_of
 
-    if "auc" in r["overall"]:
+    if task_of(r) == "ctr":
         return format_ctr_results(r)
     names, best = r.get("client_names", {}), r.get("best_round", {})
 

@@ -155,6 +155,15 @@ class ModelConfig:
 
 
 ALGORITHMS = ("centralized", "local", "fedavg", "fedprox", "fellrec")
+FEDPA_ALGORITHMS = ("fedpa", "fedavg-adapter", "fedavg-full", "local", "local-fedpa", "frozen")
+CTR_SELECT_BY = ("auc", "gauc", "logloss")
+# FedPA (model.backbone: ctr) trains a small CTR model: where a run of it does not set these keys,
+# they default to the released Fed_Train's settings instead of the LLM backbones' defaults
+CTR_DEFAULTS = {"train.algorithm": "fedpa", "train.lr": 0.1, "train.local_epochs": 1.0, "train.batch_size": 1024,
+                "train.schedule": "constant", "train.grad_clip": 0.0, "eval.select_by": "auc"}
+# keys that moved: a config that still has one is told where it went
+MOVED = {"fedpa.algorithm": "train.algorithm", "fedpa.lr": "train.lr", "fedpa.local_epochs": "train.local_epochs",
+         "fedpa.batch_size": "train.batch_size", "fedpa.select_by": "eval.select_by"}
 
 
 @dataclass
@@ -162,7 +171,11 @@ class TrainConfig:
     algorithm: str = opt("fedavg", "centralized: one adapter on the union of all clients' samples (the "
                          "upper bound); local: each client alone; fedavg: sample-weighted mean of the "
                          "clients' adapters; fedprox: fedavg plus a proximal term; fellrec: FELLRec's "
-                         "dynamic balance (a personal adapter per client)", choices=ALGORITHMS)
+                         "dynamic balance (a personal adapter per client). model.backbone=ctr (default "
+                         "fedpa): fedpa: user + group adapters mixed by a gate; fedavg-adapter: one shared "
+                         "adapter; fedavg-full: FedAvg of the whole model; local: whole model per user; "
+                         "local-fedpa: FedPA's model without a server; frozen: the foundation model as is",
+                         choices=tuple(dict.fromkeys([*ALGORITHMS, *FEDPA_ALGORITHMS])))
     rounds: int = opt(4, "communication rounds (0 evaluates the untrained adapter)")
     local_steps: int = opt(25, "optimizer steps of each client per round (centralized: this times the "
                            "clients per round, the same budget)")
@@ -205,15 +218,8 @@ class StorageConfig:
     tail: int = opt(1, "blocks at the end kept on the client (FELLRec: 1), with the final norm and LM head")
 
 
-FEDPA_ALGORITHMS = ("fedpa", "fedavg-adapter", "fedavg-full", "local", "local-fedpa", "frozen")
-
-
 @dataclass
 class FedpaConfig:
-    algorithm: str = opt("fedpa", "fedpa: user + group adapters mixed by a gate; fedavg-adapter: one shared "
-                         "adapter; fedavg-full: FedAvg of the whole model; local: whole model per user; "
-                         "local-fedpa: FedPA's model without a server; frozen: the foundation model as is",
-                         choices=FEDPA_ALGORITHMS)
     public_attribute: str | None = opt(None, "pick the public (pre-training) users by this user attribute, as "
                                        "the released code; null picks a seeded random share")
     public_values: list[str] = opt([], "values of public_attribute whose users are mostly public")
@@ -229,15 +235,11 @@ class FedpaConfig:
     ldp_scale: float = opt(0.0, "local differential privacy: Laplace noise of this scale on every upload (0: off)")
     weighting: str = opt("samples", "averages weighted by the clients' samples, or uniform (released code)",
                          choices=("samples", "uniform"))
-    lr: float = opt(0.1, "Fed_Train Adam learning rate (released: 0.1; the whole-model baselines want ~0.01)")
-    local_epochs: int = opt(1, "passes over a user's training interactions per round")
-    batch_size: int = opt(1024, "interactions per local step")
     dim: int = opt(8, "attribute embedding size of the foundation model")
     hidden: list[int] = opt([32, 8], "hidden layer sizes of the foundation model's MLP")
     pretrain_epochs: int = opt(20, "Open_Train epochs on the public users")
     pretrain_lr: float = opt(1e-3, "Open_Train Adam learning rate")
     pretrain_path: str | None = opt(None, "load this Open_Train checkpoint instead of pre-training")
-    select_by: str = opt("auc", "round selection on the pooled validation metric", choices=("auc", "gauc", "logloss"))
 
 
 @dataclass
@@ -246,7 +248,8 @@ class EvalConfig:
     every: int = opt(1, "validate every this many rounds and after the last; each client keeps its best "
                      "round's adapter for the test (0: validate only after the last round)")
     select_by: str = opt("auto", "validation criterion: loss, a metric such as recall@10, or auto (loss "
-                         "for bigrec, as FELLRec; recall@10 otherwise)")
+                         "for bigrec, as FELLRec; recall@10 otherwise); ctr (FedPA): the pooled validation "
+                         "auc (default), gauc or logloss")
     max_valid_samples: int | None = opt(200, "validate each client on a seeded random subset of this many "
                                         "of its samples (null: all)")
     max_test_samples: int | None = opt(None, "test on a seeded random subset (null: every test user)")
@@ -312,11 +315,18 @@ class Config:
                 "partition.attribute", "partition.method")
         if self.partition.method == "domain" and not self.data.domains:
             bad("partition.method", "domain needs several datasets in data.domains")
-        known = FEDPA_ALGORITHMS if self.model.backbone == "ctr" else ALGORITHMS
+        ctr = self.model.backbone == "ctr"
+        known = FEDPA_ALGORITHMS if ctr else ALGORITHMS
+        why = " (model.backbone=ctr runs FedPA and its baselines)" if ctr else " (FedPA's need model.backbone=ctr)"
         for i, a in enumerate(self.algorithms):
             if a not in known:
-                bad(f"algorithms[{i}]", f"{a!r} is not one of {', '.join(known)}"
-                    + (" (model.backbone=ctr runs FedPA and its baselines)" if known is FEDPA_ALGORITHMS else ""))
+                bad(f"algorithms[{i}]", f"{a!r} is not one of {', '.join(known)}{why}")
+        if self.train.algorithm not in known:
+            bad("train.algorithm", f"{self.train.algorithm!r} is not one of {', '.join(known)}{why}",
+                "train.algorithm", "model.backbone")
+        if ctr and self.eval.select_by not in CTR_SELECT_BY:
+            bad("eval.select_by", f"{self.eval.select_by!r}: FedPA selects its round by the pooled validation "
+                f"{', '.join(CTR_SELECT_BY)}", "eval.select_by", "model.backbone")
         t = self.train
         for key in ("rounds", "local_steps", "local_epochs"):
             value = getattr(t, key)
@@ -387,6 +397,15 @@ def config_from_text(text: str | None, source: str, overrides: list[str] = ()) -
         key, value = _parse_override(item)
         _set_path(data, key, value)
         origins[key] = f"--set {key}"
+    for old, new in MOVED.items():
+        if _has_path(data, old):
+            raise ConfigError(f"{_where(source, lines, origins, old)}: {old}: moved to {new} (one key for every "
+                              "backbone)")
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("backbone") == "ctr":
+        for key, value in CTR_DEFAULTS.items():
+            if not _has_path(data, key):
+                _set_path(data, key, value)
     errors: list[str] = []
     cfg = _build(Config, data, "", errors, lambda key: _where(source, lines, origins, key))
     if not errors:
@@ -446,6 +465,15 @@ def _parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
+
+
+def _has_path(data: dict, key: str) -> bool:
+    node = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _set_path(data: dict, key: str, value: Any) -> None:

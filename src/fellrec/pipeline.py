@@ -1,7 +1,9 @@
 """The data half of an experiment, top to bottom: load -> filter -> split -> samples -> clients.
 
 ``prepare(cfg)`` is what every command and, later, every run starts with; ``client_table`` and
-``summary`` are what ``fellrec data stats`` prints.
+``summary`` are what ``fellrec data stats`` prints. FedPA (``model.backbone: ctr``) has a protocol of
+its own, ``prepare_ctr``: load -> k-core -> attribute features -> public / private users -> each
+private user's chronological split (one client per private user).
 
 What loading had to tell (bad lines skipped, items without a title, ...) is printed to stderr as
 ``fellrec: note: ...`` lines, once per load; ``fellrec data stats`` prints the same notes in its
@@ -21,7 +23,8 @@ from fellrec.config import Config, DataConfig
 from fellrec.data.io import BadLines
 from fellrec.data.registry import load_dataset
 from fellrec.data.tables import Dataset, concat_domains
-from fellrec.errors import DataError
+from fellrec.errors import ConfigError, DataError
+from fellrec.fedpa.features import FeatureTable, UserSplit, build_features, select_public, split_users
 from fellrec.holdout import SampleSets, Split, build_samples, filter_min_rating, kcore, split
 from fellrec.partition import Partition, make_partition
 
@@ -163,3 +166,35 @@ def summary(p: Prepared) -> dict:
         "users_in_clients": int((p.partition.client_of_user >= 0).sum()),
         "notes": list(p.dataset.notes),
     }
+
+
+@dataclass
+class CTRPrepared:
+    """FedPA's data: the dataset, its attribute features and labels, which users are public (the
+    server's, for Open_Train) and each private user's train / valid / test interactions."""
+
+    config: Config
+    dataset: Dataset
+    features: FeatureTable
+    public: np.ndarray
+    split: UserSplit
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.split.private_users)
+
+
+def prepare_ctr(cfg: Config, echo: bool = True) -> CTRPrepared:
+    """FedPA's protocol: what the server and every client derive alike from the dataset and the seed."""
+    f = cfg.fedpa
+    ds = kcore(load_data(cfg.data, echo=echo), cfg.data.kcore)
+    feats = build_features(ds)
+    for attr in (*f.group_attributes, *([f.public_attribute] if f.public_attribute else [])):
+        if attr not in feats.user_fields:
+            raise ConfigError(f"fedpa: {attr!r} is not a user attribute of {ds.name}; it has "
+                              f"{', '.join(feats.user_fields)}")
+    public = select_public(ds, feats, attribute=f.public_attribute, values=tuple(f.public_values),
+                           fraction=f.public_fraction, fraction_in=f.public_fraction_in,
+                           fraction_out=f.public_fraction_out, seed=cfg.seed)
+    split = split_users(ds, public, ratios=tuple(f.ratios), min_interactions=f.min_interactions)
+    return CTRPrepared(cfg, ds, feats, public, split)

@@ -29,6 +29,7 @@ import yaml
 
 from fellrec.errors import DataError
 from fellrec.files import atomic, write_text
+from fellrec.results import read_test_users, task_of
 
 MISSING = "-"
 _ABBREV = {"recall": "R", "ndcg": "N"}
@@ -328,7 +329,9 @@ CTR_METRICS = ("auc", "gauc", "logloss", "precision", "recall", "f1")
 def overall_table(run: Run) -> str:
     overall = run.results.get("overall") or {}
     metrics = rank_metrics(overall)
-    if metrics:
+    if task_of(run.results) == "ranking":
+        if not metrics:
+            return "_no test metrics_"
         rows = [["mean", *(fmt(overall[m]) for m in metrics)]]
         ci = (run.results.get("intervals") or {}).get("overall") or {}
         if ci:
@@ -644,7 +647,6 @@ def _test_set(run: Run) -> tuple:
 def paired_rows(runs: Sequence[Run], metrics: Sequence[str]) -> tuple[list[str], list[list[str]]]:
     """Every two runs with per-user test results (test_users.csv) on the same test set: A − B of each
     metric over the users both tested, with its bootstrap interval."""
-    from fellrec.results import read_test_users
     from fellrec.stats import paired_difference
 
     per_user = {id(r): read_test_users(r.path) for r in runs}

@@ -1,6 +1,11 @@
 """What a finished run says, in one schema for every runtime and algorithm: ``results.json`` (built by
 ``record``) and ``test_users.csv`` (every test user's metrics, so that runs on the same users can be
-paired). Written by ``fellrec.rundir.finish``; read by the report and ``fellrec compare``."""
+paired). Written by ``fellrec.rundir.finish``; read by the report and ``fellrec compare``.
+
+``task`` says what the metrics measure: ``ranking`` (the LLM backbones and the reference points:
+recall, NDCG, ... over the catalogue, means over the test users) or ``ctr`` (FedPA: AUC, GAUC,
+logloss, ... of the pooled predictions).
+"""
 
 from __future__ import annotations
 
@@ -16,13 +21,25 @@ from fellrec.files import write_text
 TEST_USERS = "test_users.csv"
 
 
-def record(cfg, *, dataset: str, per_user: dict[str, np.ndarray], client_of: np.ndarray,
-           client_names: Mapping[Any, str], warnings: Iterable[str] = (), **parts: Any) -> dict[str, Any]:
-    """results.json's content: the run's identity, the test summary (``fellrec.evaluate.test_summary``),
-    the clients' names, the protocol's warnings, then ``parts`` (what the kind of run adds)."""
-    return {"name": cfg.name, "algorithm": cfg.train.algorithm, "backbone": cfg.model.backbone, "dataset": dataset,
-            **test_summary(per_user, client_of), "client_names": {str(c): n for c, n in client_names.items()},
+def record(cfg, *, dataset: str, summary: dict[str, Any], client_names: Mapping[Any, str] | None = None,
+           warnings: Iterable[str] = (), task: str = "ranking", **parts: Any) -> dict[str, Any]:
+    """results.json's content: the run's identity and ``task``, the test ``summary`` (``overall``,
+    ``clients``, ``imbalance``, ``intervals``: ``ranking_summary`` for a ranking run), the clients'
+    names, the protocol's warnings, then ``parts`` (what the kind of run adds)."""
+    algorithm = f"fedpa:{cfg.train.algorithm}" if task == "ctr" else cfg.train.algorithm
+    return {"name": cfg.name, "task": task, "algorithm": algorithm, "backbone": cfg.model.backbone,
+            "dataset": dataset, **summary, "client_names": {str(c): n for c, n in (client_names or {}).items()},
             "warnings": list(warnings), **parts}
+
+
+def ranking_summary(per_user: dict[str, np.ndarray], client_of: np.ndarray) -> dict[str, Any]:
+    """The test summary of a ranking run from each test user's metrics (``fellrec.evaluate.test_summary``)."""
+    return test_summary(per_user, client_of)
+
+
+def task_of(results: dict[str, Any]) -> str:
+    """``ranking`` or ``ctr`` (results written before ``task`` existed: told by their metrics)."""
+    return results.get("task") or ("ctr" if "auc" in (results.get("overall") or {}) else "ranking")
 
 
 def rounds(runtime, cfg, *, select_by: str, steps_per_round: dict[str, int], best_round: dict[str, int],

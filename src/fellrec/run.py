@@ -50,7 +50,7 @@ from fellrec.evaluate import evaluate
 from fellrec.files import plain, save_tensors, write_text
 from fellrec.holdout import Samples
 from fellrec.pipeline import Prepared, prepare
-from fellrec.results import record, rounds
+from fellrec.results import ranking_summary, record, rounds
 from fellrec.rundir import begun, complete, finish, is_finished, is_resumable
 from fellrec.runtime.embedded import embedded
 from fellrec.strategies import POOLED, make_strategy
@@ -69,10 +69,7 @@ def per_algorithm(cfg: Config) -> list[Config]:
     out = []
     for a in cfg.algorithms:
         one = dataclasses.replace(cfg, name=f"{cfg.name}-{a}", algorithms=[])
-        if cfg.model.backbone == "ctr":
-            one.fedpa = dataclasses.replace(cfg.fedpa, algorithm=a)
-        else:
-            one.train = dataclasses.replace(cfg.train, algorithm=a)
+        one.train = dataclasses.replace(cfg.train, algorithm=a)
         out.append(one)
     return out
 
@@ -105,7 +102,7 @@ def run(cfg: Config, runs_dir: str | Path = "runs", progress: bool = True, resum
             per_user, parts, earlier = federated_run(cfg, p, test, out, progress, warnings)
             started -= earlier  # a resumed run counts the rounds of the processes before
         client_of = p.client_of(test.user)
-        results = record(cfg, dataset=p.dataset.name, per_user=per_user, client_of=client_of,
+        results = record(cfg, dataset=p.dataset.name, summary=ranking_summary(per_user, client_of),
                          client_names=dict(enumerate(p.partition.names)), warnings=warnings, **parts)
         return finish(out, started, results, (per_user, client_of, test.user))
 
@@ -113,21 +110,19 @@ def run(cfg: Config, runs_dir: str | Path = "runs", progress: bool = True, resum
 def ctr_run(cfg: Config, out: Path, progress: bool) -> dict:
     """FedPA's two phases: Open_Train on the public users, then Fed_Train (one client per private user)
     in the embedded runtime, pooled validation per round, the test at the best round."""
-    from fellrec.fedpa.build import fed_rounds, federation_options, fedpa_results, fedpa_world, foundation
+    from fellrec.fedpa.build import fed_rounds, federation_options, fedpa_results, foundation
     from fellrec.fedpa.trainer import build_federation
-    from fellrec.holdout import kcore
-    from fellrec.pipeline import load_data
+    from fellrec.pipeline import prepare_ctr
 
-    ds = kcore(load_data(cfg.data), cfg.data.kcore)
-    feats, public, split = fedpa_world(cfg, ds)
+    c = prepare_ctr(cfg)
+    ds, feats, public, split = c.dataset, c.features, c.public, c.split
     base, pre = foundation(cfg, ds, feats, split, out)
     fed = build_federation(ds, feats, split, base, **federation_options(cfg))
     runtime = embedded(fed.strategy, fed.trainers, fed.trainers, rounds=fed_rounds(cfg),
                        client_fraction=cfg.train.client_fraction, eval_every=max(1, cfg.eval.every),
                        seed=cfg.seed, run_dir=out, progress=progress)
     runtime.run()
-    return {"name": cfg.name, "backbone": "ctr", "dataset": ds.name,
-            **fedpa_results(cfg, ds, public, split, pre, runtime, fed.strategy, list(fed.trainers.values()))}
+    return fedpa_results(cfg, ds, public, split, pre, runtime, fed.strategy, list(fed.trainers.values()))
 
 
 def check_same_config(path: Path, cfg: Config) -> None:

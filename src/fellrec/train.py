@@ -1,7 +1,8 @@
 """The one training loop: optimizer steps of a backbone's loss over shuffled samples.
 
 Every algorithm trains through ``train_steps``: each client's local training in a federated round
-(``fellrec.trainer``), and the pooled trainer of the centralized upper bound.
+(``fellrec.trainer`` for the LLM backbones, ``fellrec.fedpa.trainer`` for FedPA's users), and the
+pooled trainer of the centralized upper bound.
 """
 
 from __future__ import annotations

@@ -32,5 +32,19 @@ def test_fedpa_through_the_cli(tmp_path, capsys):
 def test_fedpa_config_errors():
     with pytest.raises(ConfigError, match=r"algorithms\[0\]: 'fedavg' is not one of fedpa, fedavg-adapter"):
         load_config(None, ["model.backbone=ctr", "algorithms=[fedavg]"])
-    with pytest.raises(ConfigError, match=r"fedpa\.algorithm: 'fedprox' is not one of"):
-        load_config(None, ["model.backbone=ctr", "fedpa.algorithm=fedprox"])
+    with pytest.raises(ConfigError, match=r"--set train\.algorithm: train\.algorithm: 'fedprox' is not one of fedpa"):
+        load_config(None, ["model.backbone=ctr", "train.algorithm=fedprox"])
+    with pytest.raises(ConfigError, match=r"'frozen' is not one of centralized.*need model\.backbone=ctr"):
+        load_config(None, ["train.algorithm=frozen"])
+    with pytest.raises(ConfigError, match=r"--set fedpa\.lr: fedpa\.lr: moved to train\.lr"):
+        load_config(None, ["model.backbone=ctr", "fedpa.lr=0.01"])
+    with pytest.raises(ConfigError, match=r"eval\.select_by: 'recall@10': FedPA selects its round by the pooled"):
+        load_config(None, ["model.backbone=ctr", "eval.select_by=recall@10"])
+
+
+def test_fedpa_takes_the_released_settings_where_the_config_does_not_set_them():
+    cfg = load_config(None, ["model.backbone=ctr", "train.lr=0.01"])
+    t = cfg.train
+    assert (t.algorithm, t.lr, t.local_epochs, t.batch_size, cfg.eval.select_by) == ("fedpa", 0.01, 1.0, 1024, "auc")
+    llm = load_config(None, [])
+    assert (llm.train.algorithm, llm.train.lr, llm.train.batch_size, llm.eval.select_by) == ("fedavg", 5e-4, 8, "auto")

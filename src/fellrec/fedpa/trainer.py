@@ -9,7 +9,8 @@ ClientTrainer protocol (``fellrec.trainer.AdapterTrainer``): ``steps_per_round``
 
 - ``fit``: tensors = defaults, overridden by the client's own, overridden by the payload's; one
   fresh Adam (as the released code) for ``local_epochs`` passes over the user's train interactions
-  in batches of ``batch_size`` (one batch for almost every user); afterwards the client keeps the
+  in batches of ``batch_size`` (one batch for almost every user), through ``fellrec.train.train_steps``
+  as every algorithm; afterwards the client keeps the
   tensors the server did not send and, when ``share``, uploads the ones it did, with
   Laplace(0, ``ldp_scale``) noise added when the payload's config (or the trainer) sets a scale.
 - ``evaluate``: predicts the user's validation AND test interactions with the payload's tensors
@@ -18,8 +19,8 @@ ClientTrainer protocol (``fellrec.trainer.AdapterTrainer``): ``steps_per_round``
   released code selects) or for the client's own best round (``best_round``, by ``select_by``
   on its own validation samples: ``logloss`` by default, since one user's AUC is often undefined).
 
-Training is reproducible from (seed, round, client): the batch order and the LDP noise come from
-a generator seeded with them (``fellrec.trainer.derive_seed``).
+Training is reproducible from (seed, round, client): the batch order and the LDP noise are drawn
+from generators seeded with them (``fellrec.trainer.derive_seed``).
 
 Algorithms (``ALGORITHMS``: model variant, server strategy):
 
@@ -48,6 +49,7 @@ from fellrec.fedpa.metrics import auc, ctr_metrics, logloss
 from fellrec.fedpa.model import CTRModel, FedPAModel, Tensors
 from fellrec.strategies import ClientUpdate, Payload, Strategy, make_strategy
 from fellrec.strategies.fedpa import FedPA
+from fellrec.train import BatchSampler, train_steps
 from fellrec.trainer import derive_seed
 
 ALGORITHMS: dict[str, tuple[str, str]] = {
@@ -95,6 +97,35 @@ def client_data(ds: Dataset, feats: FeatureTable, split: UserSplit) -> dict[int,
     return out
 
 
+class _Flat(torch.nn.Module):
+    """Named tensors as one flat trainable vector (``tensors`` gives the named views)."""
+
+    def __init__(self, tensors: Tensors):
+        super().__init__()
+        self.names = list(tensors)
+        self.shapes = [tensors[k].shape for k in self.names]
+        self.sizes = [tensors[k].numel() for k in self.names]
+        self.flat = torch.nn.Parameter(torch.cat([tensors[k].detach().reshape(-1).to(torch.float32)
+                                                  for k in self.names]))
+
+    def tensors(self) -> Tensors:
+        return {k: t.view(shape) for k, t, shape in zip(self.names, self.flat.split(self.sizes), self.shapes,
+                                                         strict=True)}
+
+
+@dataclass
+class _Rows:
+    """A user's training interactions as ``train_steps`` takes samples: ``take`` a batch of them."""
+
+    rows: torch.Tensor
+
+    def take(self, index) -> _Rows:
+        return _Rows(self.rows[torch.as_tensor(index, dtype=torch.long)])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
 class FedPATrainer:
     """ClientTrainer of one user over the shared FedPAModel."""
 
@@ -110,7 +141,8 @@ class FedPATrainer:
         self.seed, self.select_by, self.ldp_scale = seed, select_by, ldp_scale
         n = len(data.train_items)
         self.num_train = n
-        self.steps_per_round = 0 if variant == "frozen" or n == 0 else local_epochs * math.ceil(n / batch_size)
+        passes = math.ceil(local_epochs * math.ceil(n / batch_size))  # steps of local_epochs passes
+        self.steps_per_round = 0 if variant == "frozen" or n == 0 else passes
         self.own: Tensors | None = None  # created on first use (from the pre-trained rows and the client's seed)
         self.rounds: list[int] = []
         self.valid_preds: list[np.ndarray] = []
@@ -130,7 +162,7 @@ class FedPATrainer:
         share = payload.config.get("share", True)
         gen = torch.Generator().manual_seed(derive_seed(self.seed, rnd, self.client))
         losses = []
-        trained = self._train(start, gen, on_step, losses) if self.steps_per_round else dict(start)
+        trained = self._train(start, rnd, on_step, losses) if self.steps_per_round else dict(start)
         sent = payload.tensors.keys()
         self.own = {k: v.clone() for k, v in trained.items() if not (share and k in sent)}
         upload = {k: trained[k] for k in sent} if share else {}
@@ -140,36 +172,22 @@ class FedPATrainer:
         metrics = {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": len(losses)}
         return ClientUpdate(self.client, upload, self.num_train, metrics)
 
-    def _train(self, start: Tensors, gen: torch.Generator, on_step, losses: list[float]) -> Tensors:
-        """Adam (torch's defaults: betas 0.9/0.999, eps 1e-8, fresh each round) over ONE flat vector
-        holding every trainable tensor: a handful of tensor ops per step whatever the number of tensors."""
-        names = list(start)
-        shapes = [start[k].shape for k in names]
-        sizes = [start[k].numel() for k in names]
-        flat = torch.cat([start[k].detach().reshape(-1).to(torch.float32) for k in names]).requires_grad_(True)
-        m, v = torch.zeros_like(flat), torch.zeros_like(flat)
-        beta1, beta2, eps = 0.9, 0.999, 1e-8
+    def _train(self, start: Tensors, rnd: int, on_step, losses: list[float]) -> Tensors:
+        """``local_epochs`` passes of Adam (torch's defaults, fresh each round, as the released code) through
+        the one training loop, over ONE flat vector holding every trainable tensor: a handful of tensor
+        ops per step whatever the number of tensors."""
+        flat = _Flat(start)
         items, labels = self.data.train_items, self.data.train_labels
-        n, step = len(items), 0
-        for _ in range(self.local_epochs):
-            order = torch.randperm(n, generator=gen)
-            for s in range(0, n, self.batch_size):
-                idx = order[s:s + self.batch_size]
-                params = {k: t.view(shape) for k, t, shape in zip(names, flat.split(sizes), shapes, strict=True)}
-                logits = self.model.logits(self.variant, params, self.user_codes, items[idx])
-                loss = F.binary_cross_entropy_with_logits(logits, labels[idx])
-                (grad,) = torch.autograd.grad(loss, flat)
-                step += 1
-                with torch.no_grad():
-                    m.lerp_(grad, 1 - beta1)
-                    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                    denom = (v / (1 - beta2 ** step)).sqrt_().add_(eps)
-                    flat.addcdiv_(m, denom, value=-self.lr / (1 - beta1 ** step))
-                losses.append(loss.item())
-                if on_step is not None:
-                    on_step(step - 1, losses[-1])
-        out = flat.detach()
-        return {k: t.view(shape) for k, t, shape in zip(names, out.split(sizes), shapes, strict=True)}
+
+        def loss(batch: _Rows) -> torch.Tensor:
+            logits = self.model.logits(self.variant, flat.tensors(), self.user_codes, items[batch.rows])
+            return F.binary_cross_entropy_with_logits(logits, labels[batch.rows])
+
+        sampler = BatchSampler(len(items), self.batch_size, derive_seed(self.seed, rnd, f"{self.client}/batches"))
+        optimizer = torch.optim.Adam([flat.flat], lr=self.lr)
+        losses.extend(train_steps(flat, loss, _Rows(torch.arange(len(items))), steps=self.steps_per_round,
+                                  sampler=sampler, optimizer=optimizer, on_step=on_step))
+        return {k: v.detach() for k, v in flat.tensors().items()}
 
     @torch.no_grad()
     def predict(self, payload: Payload, items: torch.Tensor) -> np.ndarray:

@@ -472,7 +472,7 @@ def test_fedpa_over_flower_reproduces_the_embedded_run_through_a_restart(tmp_pat
 def test_fedpa_baselines_over_flower_reproduce_the_embedded_runs(tmp_path, monkeypatch, algorithm):
     """No round at all (the frozen foundation), nothing shared (FedPA's model alone), the whole model shared."""
     monkeypatch.setenv("FELLREC_CACHE", str(tmp_path / "cache"))
-    cfg = load_config(None, [*FEDPA, f"fedpa.algorithm={algorithm}", f"name={algorithm}", "fedpa.lr=0.01"])
+    cfg = load_config(None, [*FEDPA, f"train.algorithm={algorithm}", f"name={algorithm}", "train.lr=0.01"])
     embedded_dir = run(cfg, tmp_path / "embedded", progress=False)
     nodes = {100 + i: {"client-id": i, "state-dir": str(tmp_path / f"state-{i}")} for i in range(4)}
     serve(cfg, tmp_path / "run", tmp_path, nodes=nodes)

@@ -32,13 +32,12 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fellrec.config import config_from_text, dump
-from fellrec.fedpa.build import fed_rounds, federation_options, fedpa_results, fedpa_world, foundation
+from fellrec.fedpa.build import fed_rounds, federation_options, fedpa_results, foundation
 from fellrec.fedpa.model import FedPAModel
 from fellrec.fedpa.pretrain import load_pretrained
 from fellrec.fedpa.trainer import client_data, user_trainer, variant_of
 from fellrec.files import atomic, save_tensors
-from fellrec.holdout import kcore
-from fellrec.pipeline import load_data
+from fellrec.pipeline import prepare_ctr
 from fellrec.rundir import finish
 from fellrec.runtime.flower.nodes import setup
 from fellrec.runtime.flower.records import from_arrays, read_payload, to_arrays, update_content
@@ -50,25 +49,15 @@ from fellrec.strategies import make_strategy
 FOUNDATION = "foundation.safetensors"
 
 
-def _ctr_dataset(cfg):
-    return kcore(load_data(cfg.data), cfg.data.kcore)
-
-
 def world(cfg, cache: ProcessCache | None = None) -> tuple:
     """(dataset, features, public users, user split, every private user's ClientData) of the run,
     kept in ``cache`` (Flower's simulation serves many clients from one process)."""
 
     def build() -> tuple:
-        ds = _ctr_dataset(cfg)
-        feats, public, split = fedpa_world(cfg, ds)
-        return ds, feats, public, split, client_data(ds, feats, split)
+        c = prepare_ctr(cfg)
+        return c.dataset, c.features, c.public, c.split, client_data(c.dataset, c.features, c.split)
 
     return build() if cache is None else cache.get("fedpa-world", dump(cfg), build)
-
-
-def private_users(cfg) -> int:
-    """How many clients (private users) the FedPA run of ``cfg`` has."""
-    return len(world(cfg)[3].private_users)
 
 
 # ---- the client -----------------------------------------------------------------------------------
@@ -231,8 +220,8 @@ def predictions_view(content: RecordDict) -> SimpleNamespace:
 def serve(cfg, rc, out: Path, nodes, started: float) -> None:
     """The ServerApp of a FedPA run (see the module doc); writes the run into ``out``."""
     f = cfg.fedpa
-    ds = _ctr_dataset(cfg)
-    feats, public, split = fedpa_world(cfg, ds)
+    c = prepare_ctr(cfg)
+    ds, feats, public, split = c.dataset, c.features, c.public, c.split
     base, pre = foundation(cfg, ds, feats, split, out)  # Open_Train: the public users' data is the server's
     meta = json.dumps({"config": base.config, "user_fields": feats.user_fields, "item_fields": feats.item_fields})
     state = {k: v.detach() for k, v in base.state_dict().items()}
@@ -241,7 +230,7 @@ def serve(cfg, rc, out: Path, nodes, started: float) -> None:
     index = sorted(info, key=int)
     users = [str(info[i]["name"]) for i in index]
     groups = {str(info[i]["name"]): {a: int(v) for a, v in json.loads(str(info[i]["groups"])).items()} for i in index}
-    _, server = variant_of(f.algorithm)
+    _, server = variant_of(cfg.train.algorithm)
     strategy = make_strategy(server, initial, users, client_groups=groups if server == "fedpa" else {},
                              weighting=f.weighting, ldp_scale=f.ldp_scale)
     clients = FlowerClients(nodes, users, ids=dict(zip(users, index, strict=True)))
@@ -250,7 +239,6 @@ def serve(cfg, rc, out: Path, nodes, started: float) -> None:
     runtime.run()
     tested = clients.test(fed_rounds(cfg), False)
     views = [predictions_view(tested[u]) for u in users]
-    results = {"name": cfg.name, "backbone": "ctr", "dataset": ds.name,
-               **fedpa_results(cfg, ds, public, split, pre, runtime, strategy, views),
-               "runtime": {"kind": "flower", "messages_resent": nodes.resent}}
+    results = fedpa_results(cfg, ds, public, split, pre, runtime, strategy, views,
+                            runtime={"kind": "flower", "messages_resent": nodes.resent})
     finish(out, started - runtime.restored_elapsed, results)

@@ -37,7 +37,7 @@ from fellrec.build import (
 from fellrec.config import Config, config_from_text, to_dict
 from fellrec.files import atomic, save_tensors
 from fellrec.pipeline import prepare
-from fellrec.results import record, rounds
+from fellrec.results import ranking_summary, record, rounds
 from fellrec.rundir import finish
 from fellrec.runtime.flower.nodes import Nodes, setup
 from fellrec.runtime.flower.records import (
@@ -217,7 +217,7 @@ def serve(cfg: Config, rc, out: Path, nodes: Nodes, started: float, make_clients
     per_user = {k: np.concatenate(v) for k, v in per_user.items()}
     client_of_, users_ = np.concatenate(client_of), np.concatenate(users)
     results = record(
-        cfg, dataset=info[clients[0]]["dataset"], per_user=per_user, client_of=client_of_,
+        cfg, dataset=info[clients[0]]["dataset"], summary=ranking_summary(per_user, client_of_),
         client_names={c: info[c]["name"] for c in clients},
         warnings=protocol_warnings([info[c]["name"] for c in clients], [info[c]["valid"] for c in clients],
                                    [info[c]["test"] for c in clients], cfg.split.method),
