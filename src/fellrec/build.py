@@ -94,12 +94,12 @@ def catalogue(p: Prepared) -> tuple[list[str], str]:
 def build_backbone(cfg: Config, titles: list[str], dataset: str) -> BIGRec | TextRanker | ItemTokenRec:
     """Base LM + fresh LoRA adapter + the configured backbone around them, for the catalogue ``titles``
     of ``dataset`` (its name picks the prompt's wording)."""
-    m = cfg.model
-    prompt = Prompt.for_dataset(dataset, m.prompt_item, m.prompt_items, m.prompt_verb)
-    tok, base = load_base(m.name_or_path, texts=[*titles, prompt.instruction(titles[:10])], seed=cfg.seed)
-    if m.blocks is not None:
-        truncate(base, m.blocks)
-    model = add_lora(base, m.lora, seed=cfg.seed).to(pick_device(m.device))
+    model_cfg = cfg.model
+    prompt = Prompt.for_dataset(dataset, model_cfg.prompt_item, model_cfg.prompt_items, model_cfg.prompt_verb)
+    tok, base = load_base(model_cfg.name_or_path, texts=[*titles, prompt.instruction(titles[:10])], seed=cfg.seed)
+    if model_cfg.blocks is not None:
+        truncate(base, model_cfg.blocks)
+    model = add_lora(base, model_cfg.lora, seed=cfg.seed).to(pick_device(model_cfg.device))
     if cfg.storage.k is not None:
         from fellrec.storage.model import SplitLM
 
@@ -108,18 +108,20 @@ def build_backbone(cfg: Config, titles: list[str], dataset: str) -> BIGRec | Tex
         except ValueError as err:
             raise ConfigError(f"storage.k: {err}") from None
         model.server.grad_clip = cfg.train.grad_clip
-    key = model_id(m.name_or_path, cfg.seed)
-    if m.backbone == "item-tokens":
+    key = model_id(model_cfg.name_or_path, cfg.seed)
+    if model_cfg.backbone == "item-tokens":
         try:
-            return ItemTokenRec(model, tok, titles, prompt, item_dim=m.item_dim, loss_positions=m.loss_positions,
-                                cache_mb=m.cache_mb, seed=cfg.seed, cache_key=key)
+            return ItemTokenRec(model, tok, titles, prompt, item_dim=model_cfg.item_dim,
+                                loss_positions=model_cfg.loss_positions, cache_mb=model_cfg.cache_mb, seed=cfg.seed,
+                                cache_key=key)
         except ValueError as err:
             raise ConfigError(f"storage.k: {err}") from None
-    if m.backbone == "bigrec":
-        return BIGRec(model, tok, titles, prompt, max_len=m.max_len, train_on_inputs=m.train_on_inputs,
-                      num_beams=m.num_beams, max_new_tokens=m.max_new_tokens, cache_key=key)
-    return TextRanker(model, tok, titles, prompt, max_len=m.max_len, pooling=m.pooling, item_side=m.item_side,
-                      negatives=m.negatives, temperature=m.temperature, seed=cfg.seed, cache_key=key)
+    if model_cfg.backbone == "bigrec":
+        return BIGRec(model, tok, titles, prompt, max_len=model_cfg.max_len, train_on_inputs=model_cfg.train_on_inputs,
+                      num_beams=model_cfg.num_beams, max_new_tokens=model_cfg.max_new_tokens, cache_key=key)
+    return TextRanker(model, tok, titles, prompt, max_len=model_cfg.max_len, pooling=model_cfg.pooling,
+                      item_side=model_cfg.item_side, negatives=model_cfg.negatives, temperature=model_cfg.temperature,
+                      seed=cfg.seed, cache_key=key)
 
 
 def truncate(model, blocks: int) -> None:
@@ -160,9 +162,11 @@ def pick_device(name: str) -> torch.device:
 
 
 def selection_metric(cfg: Config) -> str:
-    e = cfg.eval
-    select_by = e.select_by if e.select_by != "auto" else ("loss" if cfg.model.backbone == "bigrec" else "recall@10")
-    known = ["loss", *metric_keys(e.ks)]
+    evaluation = cfg.eval
+    select_by = evaluation.select_by
+    if select_by == "auto":
+        select_by = "loss" if cfg.model.backbone == "bigrec" else "recall@10"
+    known = ["loss", *metric_keys(evaluation.ks)]
     if select_by not in known:
         raise ConfigError(f"eval.select_by: {select_by!r} is not one of auto, {', '.join(known)}")
     return select_by
@@ -170,7 +174,8 @@ def selection_metric(cfg: Config) -> str:
 
 def trainer_options(cfg: Config, initial, kept: set[str] = frozenset()) -> dict:
     """The keyword arguments every client's AdapterTrainer gets (besides its id, backbone and data)."""
-    e, m = cfg.eval, cfg.model
-    groups = {"items.": m.item_lr} if m.backbone == "item-tokens" and m.item_lr is not None else {}
+    evaluation, model_cfg = cfg.eval, cfg.model
+    own_lr = model_cfg.backbone == "item-tokens" and model_cfg.item_lr is not None
+    groups = {"items.": model_cfg.item_lr} if own_lr else {}
     return {"settings": cfg.train, "initial": initial, "seed": cfg.seed, "select_by": selection_metric(cfg),
-            "ks": tuple(e.ks), "eval_batch_size": e.batch_size, "kept": kept, "group_lrs": groups}
+            "ks": tuple(evaluation.ks), "eval_batch_size": evaluation.batch_size, "kept": kept, "group_lrs": groups}

@@ -1,50 +1,8 @@
-"""Full-ranking evaluation: per-query top-K metrics and their aggregation across clients.
-
-Definitions (as FELLRec's released evaluation computes them)
-------------------------------------------------------------
-Every query (a test user) ranks the whole catalogue by ``scores`` (higher is better; rank by
-distance by passing ``-distance``). ``GT`` is the query's ground-truth item set (duplicates are
-dropped) and ``r`` a 0-based rank in the ranked list. For each ``K`` in ``ks``:
-
-- ``recall@K``    = (number of GT items in the top K) / |GT|
-- ``precision@K`` = (number of GT items in the top K) / K
-- ``hit@K``       = 1 if any GT item is in the top K, else 0
-- ``ndcg@K``      = DCG@K / IDCG@K, with DCG@K = Σ_{hits at rank r < K} 1 / log2(r + 2) and
-  IDCG@K = Σ_{r < min(|GT|, K)} 1 / log2(r + 2) (binary relevance)
-- ``mrr@K``       = 1 / (r + 1) for the first hit at rank r < K, else 0
-
-Queries with an empty ground truth are not counted: :func:`rank_metrics` returns NaN for them in
-every metric, and :func:`summarize` averages over the non-NaN queries only. So the averages are
-over users with a non-empty ground truth, as the released evaluation does.
-
-Where this differs from the released code (``computeTopNAccuracy`` and its per-client loop), on
-inputs the released pipeline does not produce: (1) a ground-truth list with a repeated item
-counts that item once here (the released |GT| is the list length); (2) ``overall`` weights each
-client by its number of counted queries, the released code by its test-set size (the same
-unless a test user has an empty ground truth); (3) the released code rounds per-client values
-to 4 decimals before weighting, this module does not round.
-
-Excluded items (``exclude``, normally the user's training history) get a score of -inf before
-the top-K, so they never appear in the ranking. An excluded item that is also in the ground
-truth stays excluded and stays in |GT| (it counts in the denominators of recall and IDCG but can
-never be hit). More generally an item whose score is -inf never counts as a hit, even when a
-query has fewer than K items left to rank.
-
-Ties: equal scores are broken by item id, smaller id first, both for which items enter the top
-K and for their order inside it. The result does not depend on ``torch.topk``'s own (unspecified)
-order of ties. A NaN score raises ValueError (unless the item is excluded: its score is replaced).
-
-Aggregation across clients (:func:`summarize`): the per-client value of a metric is the mean
-over that client's counted queries; ``overall`` is the test-size-weighted mean of the per-client
-means (weights = number of counted queries per client), which equals the pooled mean over all
-counted queries. Imbalance statistics (:func:`imbalance`) are taken over the per-client means.
-
-Batches: :func:`rank_metrics` splits the queries into batches of ``batch_size`` rows itself
-(bounded memory: one ``batch_size × n_items`` buffer, used when ``exclude`` is given, plus
-``n_queries × max(ks)`` top-K ids and scores). The outputs are per
-query and independent of each other, so a caller that produces scores batch by batch can also
-call :func:`rank_metrics` per batch (with that batch's targets and exclusions) and concatenate
-the arrays with ``np.concatenate``; the result is identical.
+"""Full-ranking evaluation: per-query top-K metrics (recall, precision, hit, NDCG, MRR) and their
+aggregation across clients (per-client means, the test-size-weighted overall mean, the imbalance
+across clients). Excluded items (the user's history) never rank; ties go to the smaller item id; a
+query without a ground truth is NaN and not counted. The definitions, and where they differ from
+FELLRec's released evaluation, are in docs/EVALUATION.md.
 """
 
 from __future__ import annotations

@@ -107,16 +107,17 @@ def prepare(cfg: Config, progress: bool = False, echo: bool = True) -> Prepared:
         raise nothing_usable(d, ds, f"the {cfg.split.method} split of the {len(ds.interactions):,} interactions "
                              "left after filtering gives no user a training interaction")
     samples = build_samples(sp, cfg.split.history_len, cfg.split.train_stride)
-    p = cfg.partition
+    partition_cfg = cfg.partition
     options = {
         "kmeans": {"progress": progress, "mf_options": {
-            "dim": p.mf_dim, "epochs": p.mf_epochs, "lr": p.mf_lr, "reg": p.mf_reg,
-            "batch_size": p.mf_batch_size}},
-        "attribute": {"column": p.attribute, "bins": p.bins},
-        "dirichlet": {"alpha": p.alpha, "category": p.category, "min_users": p.min_users},
-    }.get(p.method, {})
-    partition = make_partition(p.method, ds, sp.train, num_clients=p.num_clients,
-                               seed=cfg.seed if p.seed is None else p.seed, **options)
+            "dim": partition_cfg.mf_dim, "epochs": partition_cfg.mf_epochs, "lr": partition_cfg.mf_lr,
+            "reg": partition_cfg.mf_reg, "batch_size": partition_cfg.mf_batch_size}},
+        "attribute": {"column": partition_cfg.attribute, "bins": partition_cfg.bins},
+        "dirichlet": {"alpha": partition_cfg.alpha, "category": partition_cfg.category,
+                      "min_users": partition_cfg.min_users},
+    }.get(partition_cfg.method, {})
+    partition = make_partition(partition_cfg.method, ds, sp.train, num_clients=partition_cfg.num_clients,
+                               seed=cfg.seed if partition_cfg.seed is None else partition_cfg.seed, **options)
     if echo:
         print_notes(loading_notes)
     return Prepared(cfg, ds, sp, samples, partition)
@@ -186,15 +187,15 @@ class CTRPrepared:
 
 def prepare_ctr(cfg: Config, echo: bool = True) -> CTRPrepared:
     """FedPA's protocol: what the server and every client derive alike from the dataset and the seed."""
-    f = cfg.fedpa
+    fedpa_cfg = cfg.fedpa
     ds = kcore(load_data(cfg.data, echo=echo), cfg.data.kcore)
     feats = build_features(ds)
-    for attr in (*f.group_attributes, *([f.public_attribute] if f.public_attribute else [])):
+    for attr in (*fedpa_cfg.group_attributes, *([fedpa_cfg.public_attribute] if fedpa_cfg.public_attribute else [])):
         if attr not in feats.user_fields:
             raise ConfigError(f"fedpa: {attr!r} is not a user attribute of {ds.name}; it has "
                               f"{', '.join(feats.user_fields)}")
-    public = select_public(ds, feats, attribute=f.public_attribute, values=tuple(f.public_values),
-                           fraction=f.public_fraction, fraction_in=f.public_fraction_in,
-                           fraction_out=f.public_fraction_out, seed=cfg.seed)
-    split = split_users(ds, public, ratios=tuple(f.ratios), min_interactions=f.min_interactions)
+    public = select_public(ds, feats, attribute=fedpa_cfg.public_attribute, values=tuple(fedpa_cfg.public_values),
+                           fraction=fedpa_cfg.public_fraction, fraction_in=fedpa_cfg.public_fraction_in,
+                           fraction_out=fedpa_cfg.public_fraction_out, seed=cfg.seed)
+    split = split_users(ds, public, ratios=tuple(fedpa_cfg.ratios), min_interactions=fedpa_cfg.min_interactions)
     return CTRPrepared(cfg, ds, feats, public, split)

@@ -160,30 +160,31 @@ def _lookup(d: dict, key: str):
 
 def federated_run(cfg: Config, p: Prepared, test: Samples, out: Path, progress: bool, warnings=()):
     """Train with the configured algorithm in the embedded runtime; test each client's selected adapter."""
-    t, e = cfg.train, cfg.eval
+    training, evaluation = cfg.train, cfg.eval
     select_by = selection_metric(cfg)
     data = client_samples(p)
     backbone = build_backbone(cfg, *catalogue(p))
     warn(warnings)
     warm_tables(backbone)
     initial = read_full(backbone.model)
-    kept = private_names(cfg, backbone) if t.algorithm != "centralized" else set()
+    kept = private_names(cfg, backbone) if training.algorithm != "centralized" else set()
     common = trainer_options(cfg, initial, kept)
     clients = {c: AdapterTrainer(c, backbone, train, valid, **common) for c, (train, valid) in data.items()}
-    if t.algorithm == "centralized":
+    if training.algorithm == "centralized":
         pooled = concat([train for train, _ in data.values()])
-        per_round = max(1, int(np.ceil(t.client_fraction * len(clients))))
-        steps = (int(np.ceil(t.local_epochs * len(pooled) / t.batch_size)) if t.local_epochs > 0
-                 else t.local_steps * per_round)
+        per_round = max(1, int(np.ceil(training.client_fraction * len(clients))))
+        steps = (int(np.ceil(training.local_epochs * len(pooled) / training.batch_size)) if training.local_epochs > 0
+                 else training.local_steps * per_round)
         trainers = {POOLED: AdapterTrainer(POOLED, backbone, pooled, pooled.take([]), steps_per_round=steps,
                                            **common)}
     else:
         trainers = clients
     shared = {k: v for k, v in initial.items() if k not in kept}
-    strategy = make_strategy(t.algorithm, shared, list(trainers), prox_mu=t.prox_mu, **to_dict(cfg)["fellrec"])
-    runtime = embedded(strategy, trainers, clients, rounds=t.rounds,
-                              client_fraction=1.0 if t.algorithm == "centralized" else t.client_fraction,
-                              eval_every=e.every, seed=cfg.seed, run_dir=out, progress=progress,
+    strategy = make_strategy(training.algorithm, shared, list(trainers), prox_mu=training.prox_mu,
+                             **to_dict(cfg)["fellrec"])
+    runtime = embedded(strategy, trainers, clients, rounds=training.rounds,
+                              client_fraction=1.0 if training.algorithm == "centralized" else training.client_fraction,
+                              eval_every=evaluation.every, seed=cfg.seed, run_dir=out, progress=progress,
                               kept_on_server=set(backbone.model.trunk_names()) if is_split(backbone.model) else set())
     runtime.run()
 
@@ -236,9 +237,9 @@ def reference_run(cfg: Config, p: Prepared, test: Samples, out: Path, progress: 
 def train_sasrec(cfg: Config, p: Prepared, train: Samples, valid: Samples, out: Path, progress: bool):
     from fellrec.baselines.sasrec import SASRecConfig, fit_sasrec
 
-    m = cfg.model
-    scfg = SASRecConfig(dim=m.sasrec_dim, blocks=m.sasrec_blocks, dropout=m.sasrec_dropout,
-                        max_len=cfg.split.history_len, epochs=m.sasrec_epochs, seed=cfg.seed)
+    model_cfg = cfg.model
+    scfg = SASRecConfig(dim=model_cfg.sasrec_dim, blocks=model_cfg.sasrec_blocks, dropout=model_cfg.sasrec_dropout,
+                        max_len=cfg.split.history_len, epochs=model_cfg.sasrec_epochs, seed=cfg.seed)
     model, history = fit_sasrec(p.dataset.num_items, train, valid, scfg, progress=progress)
     lines = [json.dumps(plain({"epoch": i, "loss": loss, scfg.metric: value}))
              for i, (loss, value) in enumerate(zip(history.losses, history.valid, strict=False), start=1)]

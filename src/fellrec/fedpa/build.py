@@ -29,28 +29,29 @@ from fellrec.results import record
 def foundation(cfg: Config, ds: Dataset, feats: FeatureTable, split: UserSplit, out: Path) -> tuple[CTRModel, dict]:
     """Open_Train on the public users (saved as ``out/foundation.safetensors``), or the checkpoint
     ``fedpa.pretrain_path``; the model and what to report of its training."""
-    f = cfg.fedpa
+    fedpa_cfg = cfg.fedpa
     started = time.time()
-    if f.pretrain_path:
-        base, _ = load_pretrained(Path(f.pretrain_path), feats)
-        pre: dict[str, Any] = {"loaded": f.pretrain_path}
+    if fedpa_cfg.pretrain_path:
+        base, _ = load_pretrained(Path(fedpa_cfg.pretrain_path), feats)
+        pre: dict[str, Any] = {"loaded": fedpa_cfg.pretrain_path}
     else:
         users, items = ds.interactions["user"].to_numpy(), ds.interactions["item"].to_numpy()
-        res = pretrain(feats, users, items, split.public_rows, epochs=f.pretrain_epochs, dim=f.dim,
-                       hidden=tuple(f.hidden), lr=f.pretrain_lr, seed=cfg.seed)
+        res = pretrain(feats, users, items, split.public_rows, epochs=fedpa_cfg.pretrain_epochs, dim=fedpa_cfg.dim,
+                       hidden=tuple(fedpa_cfg.hidden), lr=fedpa_cfg.pretrain_lr, seed=cfg.seed)
         save_pretrained(out / "foundation.safetensors", res.model, feats)
         base = res.model
-        pre = {"epochs": f.pretrain_epochs, "kept_epoch": res.epoch, "history": res.history}
+        pre = {"epochs": fedpa_cfg.pretrain_epochs, "kept_epoch": res.epoch, "history": res.history}
     pre["time_s"] = round(time.time() - started, 1)
     return base, pre
 
 
 def federation_options(cfg: Config) -> dict[str, Any]:
     """``build_federation``'s settings from the config."""
-    f, t = cfg.fedpa, cfg.train
-    return {"algorithm": t.algorithm, "group_attributes": tuple(f.group_attributes), "rank": f.rank,
-            "alpha": f.alpha, "zero_init": f.zero_init, "lr": t.lr, "batch_size": t.batch_size,
-            "local_epochs": t.local_epochs, "ldp_scale": f.ldp_scale, "weighting": f.weighting,
+    fedpa_cfg, training = cfg.fedpa, cfg.train
+    return {"algorithm": training.algorithm, "group_attributes": tuple(fedpa_cfg.group_attributes),
+            "rank": fedpa_cfg.rank, "alpha": fedpa_cfg.alpha, "zero_init": fedpa_cfg.zero_init, "lr": training.lr,
+            "batch_size": training.batch_size,
+            "local_epochs": training.local_epochs, "ldp_scale": fedpa_cfg.ldp_scale, "weighting": fedpa_cfg.weighting,
             "select_by": "logloss", "seed": cfg.seed}
 
 

@@ -217,22 +217,22 @@ def predictions_view(content: RecordDict) -> SimpleNamespace:
                            data=SimpleNamespace(valid_labels=arrays["valid-labels"], test_labels=arrays["test-labels"]))
 
 
-def serve(cfg, rc, out: Path, nodes, started: float) -> None:
+def serve(cfg, run_config, out: Path, nodes, started: float) -> None:
     """The ServerApp of a FedPA run (see the module doc); writes the run into ``out``."""
-    f = cfg.fedpa
+    fedpa_cfg = cfg.fedpa
     c = prepare_ctr(cfg)
     ds, feats, public, split = c.dataset, c.features, c.public, c.split
     base, pre = foundation(cfg, ds, feats, split, out)  # Open_Train: the public users' data is the server's
     meta = json.dumps({"config": base.config, "user_fields": feats.user_fields, "item_fields": feats.item_fields})
     state = {k: v.detach() for k, v in base.state_dict().items()}
-    info, initial = setup(nodes, float(rc.get("wait-timeout", 300.0)),
+    info, initial = setup(nodes, float(run_config.get("wait-timeout", 300.0)),
                           lambda: RecordDict({"arrays": to_arrays(state), "config": ConfigRecord({"fedpa": meta})}))
     index = sorted(info, key=int)
     users = [str(info[i]["name"]) for i in index]
     groups = {str(info[i]["name"]): {a: int(v) for a, v in json.loads(str(info[i]["groups"])).items()} for i in index}
     _, server = variant_of(cfg.train.algorithm)
     strategy = make_strategy(server, initial, users, client_groups=groups if server == "fedpa" else {},
-                             weighting=f.weighting, ldp_scale=f.ldp_scale)
+                             weighting=fedpa_cfg.weighting, ldp_scale=fedpa_cfg.ldp_scale)
     clients = FlowerClients(nodes, users, ids=dict(zip(users, index, strict=True)))
     runtime = Rounds(strategy, clients, rounds=fed_rounds(cfg), client_fraction=cfg.train.client_fraction,
                      eval_every=max(1, cfg.eval.every), seed=cfg.seed, run_dir=out, progress=False)

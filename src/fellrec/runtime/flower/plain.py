@@ -187,20 +187,21 @@ def flower_clients(cfg: Config, nodes: Nodes, info: dict, initial: dict, clients
     return FlowerClients(nodes, clients), initial, set()
 
 
-def serve(cfg: Config, rc, out: Path, nodes: Nodes, started: float, make_clients: MakeClients = flower_clients) -> None:
+def serve(cfg: Config, run_config, out: Path, nodes: Nodes, started: float,
+          make_clients: MakeClients = flower_clients) -> None:
     """The rounds, the test and the results of one run, into ``out`` (split mode gives its own
     ``make_clients``)."""
-    t, e = cfg.train, cfg.eval
-    info, initial = setup(nodes, float(rc.get("wait-timeout", 300.0)))
+    training, evaluation = cfg.train, cfg.eval
+    info, initial = setup(nodes, float(run_config.get("wait-timeout", 300.0)))
     clients = sorted(info, key=int)
     workers, initial, kept = make_clients(cfg, nodes, info, initial, clients)
     log.info("clients: %s", {c: info[c]["name"] for c in clients})
-    strategy = make_strategy(t.algorithm, initial, clients, prox_mu=t.prox_mu, **to_dict(cfg)["fellrec"])
-    runtime = Rounds(strategy, workers, rounds=t.rounds, client_fraction=t.client_fraction, eval_every=e.every,
-                     seed=cfg.seed, run_dir=out, progress=False, kept_on_server=kept)
+    strategy = make_strategy(training.algorithm, initial, clients, prox_mu=training.prox_mu, **to_dict(cfg)["fellrec"])
+    runtime = Rounds(strategy, workers, rounds=training.rounds, client_fraction=training.client_fraction,
+                     eval_every=evaluation.every, seed=cfg.seed, run_dir=out, progress=False, kept_on_server=kept)
     runtime.run()
 
-    tested = workers.test(t.rounds, bool(rc.get("collect-adapters", True)))
+    tested = workers.test(training.rounds, bool(run_config.get("collect-adapters", True)))
     per_user: dict[str, list[np.ndarray]] = {}
     client_of, users, best_round = [], [], {}
     for c in clients:

@@ -67,16 +67,15 @@ class FlowerClients:
 def open_run(grid, run_config) -> tuple[Config, Path, Nodes]:
     """The ServerApp's run: its config (checked for Flower), the folder it writes (``run-dir``: a new
     one, or an unfinished one with ``resume=true``) and the SuperNodes, as ``run_config`` sets them."""
-    rc = run_config
-    cfg = config_from_text(str(rc[CONFIG_KEY]), f"run config {CONFIG_KEY}")
+    cfg = config_from_text(str(run_config[CONFIG_KEY]), f"run config {CONFIG_KEY}")
     cfg.check_flower()
-    if str(rc.get("run-dir", "")) == "":
+    if str(run_config.get("run-dir", "")) == "":
         raise ConfigError("run config run-dir: empty; say where the ServerApp writes the run")
-    out = Path(str(rc["run-dir"])).expanduser()
+    out = Path(str(run_config["run-dir"])).expanduser()
     if is_finished(out):
         raise ConfigError(f"run-dir: {out} already holds a finished run")
-    if is_resumable(out) and not bool(rc.get("resume", False)):
+    if is_resumable(out) and not bool(run_config.get("resume", False)):
         raise ConfigError(f"run-dir: {out} holds an unfinished run; continue it with resume=true")
-    nodes = Nodes(grid, timeout_s=float(rc.get("round-timeout", 3600.0)), poll_s=float(rc.get("poll-s", 0.5)),
-                  retries=int(rc.get("retries", 3)))
+    nodes = Nodes(grid, timeout_s=float(run_config.get("round-timeout", 3600.0)),
+                  poll_s=float(run_config.get("poll-s", 0.5)), retries=int(run_config.get("retries", 3)))
     return cfg, out, nodes

@@ -1,60 +1,12 @@
 """Flexible storage (split mode, ``storage.k``) over Flower: the trunk on the ServerApp, each client's
 head and tail on its SuperNode, activations up and gradients down in Flower messages.
 
-In Flower only the server sends, and a SuperNode starts a new ClientApp process for every message,
-so a client cannot stop in the middle of its backward pass to wait for the trunk's gradient. It
-replays instead (``fellrec.storage.replay``): every message runs the client's normal code
-(``AdapterTrainer.fit``, ``evaluate``, ``test``) as a *pass* over a ``ReplayTransport`` holding the
-trunk's replies received so far; the pass goes as far as those replies allow and the client answers
-with the trunk requests it could not get past (several at once where they do not depend on each
-other: every micro-batch of an evaluation, a step's backward with the next step's forward at
-k = 0); the server runs them through the trunk and sends the replies in its next message. So the
-client's code runs unchanged, and so does the training loop.
-
-An exchange of one client (a *session*: its local training of a round, a validation, the test):
-
-    server  train            payload: the client's part of the adapter, config       (seq 0)
-    client  ...              the trunk requests of its first pass                    (done = false)
-    server  train.split      the trunk's replies to them                             (seq 1, 2, ...)
-    client  ...              the requests of its next pass, ... and at last its update (done = true)
-
-``evaluate`` / ``evaluate.split`` and ``evaluate.test`` / ``evaluate.test_split`` go the same way.
-Requests and replies are ``fellrec.storage.transport`` messages (``forward``, ``backward``, ``step``;
-``decode``, ``reorder``, ``release`` for generation), many to a Flower message: tensors in an
-``ArrayRecord`` as ``<i>.<name>``, kinds and request numbers in the ``split`` ConfigRecord.
-
-The client keeps each session on its own disk (``<state>/split/<session>/``): the first message,
-the replies it received (each reply travels once), and during local training a checkpoint after each
-completed step (its part of the adapter, optimizer, scheduler, sampler and random states, the next
-request number, the losses and bytes so far), so a pass restarts from the last completed step, not
-from the start of the round: a step runs two or three times, as with activation recomputation. A
-checkpoint is written only when everything before it used real replies and the server has them all.
-
-The server (``TrunkHost``) builds the base model itself from the catalogue's titles (sent by the
-clients at setup), with the clients' seed, so its trunk and LoRA initialisation are the clients'
-(checked); it keeps the trunk (a ``ConcurrentTrunkServer``: every client trains at once) and drops
-the rest after computing what the clients need from the frozen base model: the ranker's frozen item
-table, BIGRec's item embeddings (public: the base model and the titles). Each client's trunk part of
-the adapter stays on the server: the Strategy's payload for a client is the whole adapter; the
-server keeps its trunk tensors and sends the client part; the client's update (its part) plus the
-trunk part the server trained is what the Strategy aggregates. The server also keeps the trunk part
-of each client's private adapter (after its training) and of its best-validation adapter (for the
-test and the saved adapter). The trunk's dropout draws from a random stream of its own per client
-and round, so with LoRA dropout > 0 a Flower split run differs from the embedded split run (there
-the trunk shares the client's stream) by the draw; with dropout 0 they agree.
-
-Round trips: a local training of S steps takes S + 2 messages at k = 0 (a step's backward and step
-go with the next step's forward: nothing before the cut depends on the trunk's gradient) and 2S + 1
-at k > 0 (the next forward needs the head's update); a validation or a test of the ranker takes 2
-(every batch's forward in the first reply, up to ``split-max-mb`` of requests per message, a node
-config key, default 64). A step's batch is not cut further into micro-batches: that would change the
-training loop (gradient accumulation) and the ranker's negatives (drawn per loss call), so the run
-would no longer be the embedded one.
-
-Limits: BIGRec's test generates token by token, one round trip per token and batch (a beam search's
-next step depends on the last reply), slow over a real deployment. Validation and test passes run
-from their start each time (no checkpoint: the work is forward only). A client whose state folder
-is lost in the middle of an exchange fails the run.
+A client cannot wait inside a message for the trunk's reply, so it replays (``fellrec.storage.replay``):
+each message runs the client's normal code as a pass over the trunk replies received so far and
+answers with the requests it could not get past. The client keeps each exchange (a *session*) on its
+disk, with a checkpoint after every local step completed on real replies (``SessionSteps``, the
+training loop's ``StepHook``). The server (``TrunkHost``) keeps the trunk and the trunk part of each
+client's adapters. Message types, round trips and limits: docs/FLOWER.md.
 """
 
 from __future__ import annotations
@@ -615,6 +567,6 @@ def split_clients(cfg, nodes, info: dict, initial: Tensors, clients: list[str]):
     return SplitClients(nodes, clients, host), initial, set(host.names)
 
 
-def serve(cfg, rc, out: Path, nodes, started: float) -> None:
+def serve(cfg, run_config, out: Path, nodes, started: float) -> None:
     """The ServerApp of a split-mode run: ``fellrec.runtime.flower.plain.serve`` with the trunk here."""
-    plain.serve(cfg, rc, out, nodes, started, make_clients=split_clients)
+    plain.serve(cfg, run_config, out, nodes, started, make_clients=split_clients)
