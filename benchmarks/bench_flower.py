@@ -42,11 +42,12 @@ sys.path.insert(0, sys.argv[1])
 import fellrec_flower.client_app  # what a ClientApp process imports
 t1 = time.perf_counter()
 from pathlib import Path
+from fellrec import build
 from fellrec.runtime.flower.plain import ClientNode
 from fellrec.runtime.flower.state import ProcessCache
 from fellrec.strategies import Payload
 text = Path(sys.argv[2]).read_text()
-node = ClientNode(text, "0", Path(sys.argv[3]), ProcessCache())
+node = ClientNode(text, "0", Path(sys.argv[3]), ProcessCache(), build)
 t2 = time.perf_counter()
 node.trainer.fit(Payload(dict(node.initial), {}), 1)
 t3 = time.perf_counter()

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,13 +17,16 @@ from fellrec.backbones.bigrec import BIGRec
 from fellrec.backbones.item_tokens import ItemTokenRec
 from fellrec.backbones.prompts import Prompt
 from fellrec.backbones.ranker import TextRanker
-from fellrec.config import Config
+from fellrec.config import Config, dump, to_dict
 from fellrec.errors import ConfigError
+from fellrec.files import save_tensors
 from fellrec.holdout import Samples
 from fellrec.llm import load_base, model_id
 from fellrec.metrics import metric_keys
-from fellrec.pipeline import Prepared
-from fellrec.trainer import derive_seed, read_full
+from fellrec.pipeline import Prepared, prepare
+from fellrec.results import ranking_summary, record, rounds
+from fellrec.strategies import make_strategy
+from fellrec.trainer import AdapterTrainer, ClientParts, derive_seed, read_full
 
 
 def client_samples(p: Prepared) -> dict[str, tuple[Samples, Samples]]:
@@ -179,3 +183,120 @@ def trainer_options(cfg: Config, initial, kept: set[str] = frozenset()) -> dict:
     groups = {"items.": model_cfg.item_lr} if own_lr else {}
     return {"settings": cfg.train, "initial": initial, "seed": cfg.seed, "select_by": selection_metric(cfg),
             "ks": tuple(evaluation.ks), "eval_batch_size": evaluation.batch_size, "kept": kept, "group_lrs": groups}
+
+
+# ---- one client, as a runtime outside this process builds it ------------------------------------
+
+
+def client_data(cfg: Config, client: str) -> dict:
+    """What client ``client`` keeps of the data (its train, validation and test samples, the catalogue,
+    its name): taken from the dataset once, so that later messages skip reading and partitioning it."""
+    p = prepare(cfg, progress=False)
+    samples = client_samples(p)
+    if client not in samples:
+        raise ValueError(f"node config client-id={client}: this run has clients 0..{len(samples) - 1}")
+    test = pick_test(p)
+    titles, dataset = catalogue(p)
+    return {"train": samples[client][0], "valid": samples[client][1],
+            "test": test.take(np.flatnonzero(p.client_of(test.user) == int(client))),
+            "titles": titles, "dataset": dataset, "name": str(p.partition.names[int(client)]),
+            "num_clients": int(p.num_clients)}
+
+
+def client_parts(cfg: Config, client: str, data: dict, setup: tuple, cache) -> ClientParts:
+    """Client ``client`` of an LLM run: its ``AdapterTrainer`` over the run's backbone, which the clients
+    of one process share (``cache.get(kind, key, build)`` keeps it); ``setup`` (what the server sent at
+    setup) is empty for these backbones."""
+    backbone, initial = cache.get("backbone", dump(cfg), lambda: client_backbone(cfg, data))
+    trainer = AdapterTrainer(client, backbone, data["train"], data["valid"],
+                             **trainer_options(cfg, initial, private_names(cfg, backbone)))
+    info = {"name": data["name"], "num-clients": data["num_clients"], "dataset": data["dataset"]}
+    if cfg.storage.k is not None:  # the server builds the base model too: the tiny test model's tokenizer needs them
+        info["titles"] = list(data["titles"])
+    counts = {"train": len(trainer.train), "valid": len(trainer.valid), "test": len(data["test"]),
+              "steps-per-round": int(trainer.steps_per_round)}
+    shared = {k: v for k, v in initial.items() if k not in trainer.kept}  # as the server starts
+    return ClientParts(trainer, shared, info, counts, data["test"], backbone)
+
+
+def client_backbone(cfg: Config, data: dict) -> tuple:
+    """The run's backbone and its initial adapter, for a client; in split mode only the client's part
+    of the model (the trunk is the server's)."""
+    backbone = build_backbone(cfg, data["titles"], data["dataset"])
+    if cfg.storage.k is not None:
+        keep_client_half(backbone)
+    return backbone, read_full(backbone.model)
+
+
+def keep_client_half(backbone) -> None:
+    """Replace the backbone's whole split model by the client's half (talking to the trunk through
+    message replays, ``fellrec.storage.replay``), so that no trunk weight is left in this process."""
+    import gc
+
+    from fellrec.storage.replay import ReplayTransport
+
+    backbone.model = backbone.model.client_half(ReplayTransport())
+    gc.collect()
+
+
+# ---- the server's part of an LLM run outside this process ------------------------------------------
+
+
+class RankingServer:
+    """What the server of an LLM run does besides the rounds: the strategy over the clients, and the
+    results from each client's test (every test user's metrics) and selected adapter."""
+
+    setup_needed = False
+
+    def __init__(self, cfg: Config, out, send_adapters: bool = True):
+        self.cfg, self.out, self.send_adapters = cfg, out, send_adapters
+
+    def setup(self) -> tuple[dict, dict]:
+        return {}, {}  # the clients build everything from the config
+
+    def names(self, info: dict[str, dict]) -> dict[str, str]:
+        """fellrec client name -> client-id of its node (the same here), in the clients' order."""
+        return {c: c for c in sorted(info, key=int)}
+
+    def strategy(self, initial, info: dict[str, dict]):
+        """The strategy over the clients of ``info`` (keyed by client name, in order)."""
+        training = self.cfg.train
+        return make_strategy(training.algorithm, initial, list(info), prox_mu=training.prox_mu,
+                             **to_dict(self.cfg)["fellrec"])
+
+    def rounds(self) -> int:
+        return self.cfg.train.rounds
+
+    def eval_every(self) -> int:
+        return self.cfg.eval.every
+
+    def results(self, tested: dict[str, dict], rounds_, strategy, info: dict[str, dict], **parts):
+        """(results, test_users): the test of every client's users, its selected adapter kept in
+        ``adapters/``."""
+        cfg, clients = self.cfg, list(info)
+        per_user: dict[str, list[np.ndarray]] = {}
+        client_of, users, best_round = [], [], {}
+        for c in clients:
+            scores = dict(tested[c]["scores"])
+            mine = np.asarray(scores.pop("user", np.zeros(0)), dtype=np.int64)
+            for k, v in scores.items():
+                per_user.setdefault(k, []).append(np.asarray(v, dtype=np.float64))
+            client_of.append(np.full(len(mine), int(c)))
+            users.append(mine)
+            best_round[c] = int(tested[c]["best_round"])
+            if tested[c].get("adapter"):
+                save_tensors(Path(self.out) / "adapters" / f"client-{c}.safetensors", tested[c]["adapter"])
+        if strategy.global_tensors() is not None:
+            save_tensors(Path(self.out) / "adapters" / "global.safetensors", strategy.global_tensors())
+        per_user_ = {k: np.concatenate(v) for k, v in per_user.items()}
+        client_of_, users_ = np.concatenate(client_of), np.concatenate(users)
+        results = record(
+            cfg, dataset=info[clients[0]]["dataset"], summary=ranking_summary(per_user_, client_of_),
+            client_names={c: info[c]["name"] for c in clients},
+            warnings=protocol_warnings([info[c]["name"] for c in clients], [info[c]["valid"] for c in clients],
+                                       [info[c]["test"] for c in clients], cfg.split.method),
+            **rounds(rounds_, cfg, select_by=selection_metric(cfg),
+                     steps_per_round={c: info[c]["steps-per-round"] for c in clients}, best_round=best_round,
+                     samples={k: sum(info[c][k] for c in clients) for k in ("train", "valid", "test")}),
+            **parts)
+        return results, (per_user_, client_of_, users_)

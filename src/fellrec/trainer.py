@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -146,6 +147,10 @@ class AdapterTrainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
+    def selected(self) -> Tensors:
+        """The adapter the test uses (the best validated round's), without what never leaves the client."""
+        return {k: v for k, v in self.best.items() if k not in self.kept}
+
     def state(self) -> tuple[Tensors, dict[str, Any]]:
         tensors = {f"private/{k}": v for k, v in self.private.items()}
         tensors.update({f"best/{k}": v for k, v in self.best.items()})
@@ -155,6 +160,20 @@ class AdapterTrainer:
         self.private = {k.removeprefix("private/"): v for k, v in tensors.items() if k.startswith("private/")}
         self.best = {k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")}
         self.best_score, self.best_round = meta["best_score"], meta["best_round"]
+
+
+@dataclass
+class ClientParts:
+    """One client as a runtime outside this process builds it (``fellrec.build.client_parts``,
+    ``fellrec.fedpa.build.client_parts``): its trainer, the shared tensors it starts from (every
+    client's must be equal), what it tells the server at setup, and what its test takes."""
+
+    trainer: Any
+    initial: Tensors
+    info: dict[str, Any]  # name, num-clients, dataset, and what the server needs of this client
+    counts: dict[str, int]  # train, valid, test samples and steps-per-round
+    test_samples: Any = None  # what ``trainer.test`` takes (None: the trainer's own test data)
+    backbone: Any = None  # the LLM backbone (its caches, split mode's model)
 
 
 def is_split(model) -> bool:

@@ -302,7 +302,7 @@ def test_training_is_reproducible_and_state_round_trips():
     fresh = trainer_for(m)
     fresh.load_state(tensors, meta)
     assert all(torch.equal(fresh.own[k], t.own[k]) for k in t.own)
-    np.testing.assert_array_equal(fresh.test()["pred"], t.test()["pred"])
+    np.testing.assert_array_equal(fresh.test()["test"], t.test()["test"])
 
 
 # ---- metrics -------------------------------------------------------------------------------------

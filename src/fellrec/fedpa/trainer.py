@@ -222,16 +222,26 @@ class FedPATrainer:
         store = self.test_preds if part == "test" else self.valid_preds
         return store[self.rounds.index(rnd)]
 
-    def test(self, samples: Any = None, rnd: int | None = None) -> dict[str, np.ndarray]:
-        """Test predictions and labels of round ``rnd`` (default: this client's best validation round).
+    def test(self, samples: Any = None) -> dict[str, np.ndarray]:
+        """The predictions of every evaluated round on the user's validation and test interactions,
+        with their labels: FedPA's test picks a round by the validation predictions of every user
+        pooled (``pooled_selection``), where they all meet.
 
         The trainer owns its test interactions, so ``samples`` must be None (it is accepted for the
-        runtime's ClientTrainer signature).
+        ClientTrainer signature).
         """
         if samples is not None:
             raise ValueError("FedPATrainer.test uses the user's own test interactions; pass samples=None")
-        r = self.best_round if rnd is None else rnd
-        return {"pred": self.predictions(r, "test"), "label": self.data.test_labels.numpy(), "round": np.array(r)}
+        d = self.data
+        out = {"rounds": np.array(self.rounds, dtype=np.int64), "valid-labels": d.valid_labels.numpy(),
+               "test-labels": d.test_labels.numpy()}
+        if self.rounds:
+            out["valid"], out["test"] = np.stack(self.valid_preds), np.stack(self.test_preds)
+        return out
+
+    def selected(self) -> Tensors:
+        """Nothing: what FedPA shares is the server's; a user's own tensors never leave it."""
+        return {}
 
     # ---- checkpoints ---------------------------------------------------------------------------
 

@@ -66,6 +66,9 @@ class ClientTrainer(Protocol):
 
     def load_state(self, tensors: Tensors, meta: dict[str, Any]) -> None: ...
 
+    def selected(self) -> Tensors:
+        """What the client may send of the adapter its test used (nothing where it has none of its own)."""
+
 
 class Strategy:
     """Server side of one algorithm. Subclasses override what differs.

@@ -116,15 +116,17 @@ def test_payloads_and_updates_survive_flower_records_bit_for_bit():
     assert all(torch.equal(update.tensors[k], v) for k, v in tensors.items())
 
 
-def test_client_state_reads_the_newest_round_before_and_keeps_two(tmp_path):
+def test_client_state_reads_the_newest_state_before_a_phase_and_keeps_four(tmp_path):
     state = ClientState(tmp_path / "c")
+    assert state.before(1, 0) is None
     for r in (1, 2, 3):
-        state.save("fit", r, {"w": torch.full((2,), float(r))}, {"r": r})
-    assert state.rounds("fit") == [2, 3]  # the oldest is gone
-    tensors, meta = state.latest("fit", 2)
-    assert meta == {"r": 2} and torch.equal(tensors["w"], torch.full((2,), 2.0))
-    assert state.latest("fit", 3)[1] == {"r": 3} and state.latest("fit", 1) is None
-    assert state.latest("eval", 9) is None
+        for phase in (0, 1):
+            state.save_phase(r, phase, {"w": torch.full((2,), 10.0 * r + phase)}, {"r": r, "phase": phase})
+    assert state.saved() == [(2, 0), (2, 1), (3, 0), (3, 1)]  # the oldest are gone
+    tensors, meta = state.before(3, 0)  # training round 3 starts from the validation of round 2
+    assert meta == {"r": 2, "phase": 1} and torch.equal(tensors["w"], torch.full((2,), 21.0))
+    assert state.before(3, 1)[1] == {"r": 3, "phase": 0}  # validating round 3: after its training
+    assert state.before(9, 2)[1] == {"r": 3, "phase": 1} and state.before(2, 0) is None
 
 
 def test_client_id_comes_from_the_node_config_never_the_node_id():
@@ -242,8 +244,8 @@ def test_server_and_client_apps_reproduce_the_embedded_run(tmp_path, embedded, a
     for i in range(3):
         (folder,) = (tmp_path / f"state-{i}").iterdir()
         files = sorted(p.name for p in (folder / f"client-{i}").iterdir())
-        assert files == ["adapter.safetensors", "data.pkl", "eval-1.safetensors", "eval-2.safetensors",
-                         "fit-1.safetensors", "fit-2.safetensors"]
+        assert files == ["adapter.safetensors", "data.pkl", "state-1-0.safetensors", "state-1-1.safetensors",
+                         "state-2-0.safetensors", "state-2-1.safetensors"]
         kept = load_file(folder / f"client-{i}" / "adapter.safetensors")
         sent = load_file(tmp_path / "run" / "adapters" / f"client-{i}.safetensors")
         assert all(torch.equal(kept[k], sent[k]) for k in kept)
@@ -391,8 +393,9 @@ def test_split_mode_over_flower_reproduces_the_embedded_split_run(tmp_path, embe
 
 @pytest.mark.slow
 def test_a_split_client_holds_no_trunk_weights(tmp_path):
-    from fellrec.build import build_backbone
-    from fellrec.runtime.flower.plain import ClientNode, keep_client_half
+    from fellrec import build
+    from fellrec.build import build_backbone, keep_client_half
+    from fellrec.runtime.flower.plain import ClientNode
 
     cfg = load_config(None, SPLIT)
     backbone = build_backbone(cfg, ["Heat (1995)", "Up (2009)", "Alien (1979)"], "ml-100k")
@@ -400,10 +403,10 @@ def test_a_split_client_holds_no_trunk_weights(tmp_path):
     keep_client_half(backbone)  # what a split client does with the model it builds whole
     gc.collect()
     assert trunk and all(ref() is None for ref in trunk)  # built whole to be cut, then freed
-    node = ClientNode(dump(cfg), "0", tmp_path / "state", ProcessCache())  # a model of its own
+    node = ClientNode(dump(cfg), "0", tmp_path / "state", ProcessCache(), build)  # a model of its own
     model = node.backbone.model
     assert {n.split(".")[1] for n, _ in model.named_parameters()} <= {"embed_tokens", "tail", "norm", "lm_head"}
-    assert node.initial and not any(".layers.0." in k for k in node.initial)  # block 0 is the server's
+    assert node.parts.initial and not any(".layers.0." in k for k in node.parts.initial)  # block 0 is the server's
 
 
 @pytest.mark.slow
@@ -434,7 +437,8 @@ FEDPA = ["model.backbone=ctr", "data.kcore=0", "fedpa.public_fraction=0.996", "f
 
 @pytest.mark.slow
 def test_fedpa_over_flower_reproduces_the_embedded_run_through_a_restart(tmp_path, monkeypatch):
-    from fellrec.runtime.flower.fedpa import FedPANode
+    from fellrec.fedpa import build as fedpa_build
+    from fellrec.runtime.flower.plain import ClientNode
 
     monkeypatch.setenv("FELLREC_CACHE", str(tmp_path / "cache"))
     cfg = load_config(None, FEDPA)
@@ -459,12 +463,12 @@ def test_fedpa_over_flower_reproduces_the_embedded_run_through_a_restart(tmp_pat
     # each user's private state is on its own disk: the foundation it was sent, its rounds
     for i in range(4):
         folder = next((tmp_path / f"state-{i}").glob("fedpa-*/client-*"))
-        assert {"foundation.safetensors", "data.pkl", "fit-2.safetensors", "eval-2.safetensors"} <= \
+        assert {"setup.safetensors", "data.pkl", "state-2-0.safetensors", "state-2-1.safetensors"} <= \
             {p.name for p in folder.iterdir()}
-        own = ClientState(folder).latest("fit", 2)
+        own = ClientState(folder).before(2, 1)  # after its training in round 2
         assert own[0]["own"].numel() > 0 and own[1]["rounds"] == [1]  # the user's own rows and adapter
     with pytest.raises(ValueError, match=r"client-id=4: this FedPA run has clients 0\.\.3 \(one per private user\)"):
-        FedPANode(dump(cfg), "4", tmp_path / "state-4", ProcessCache())
+        ClientNode(dump(cfg), "4", tmp_path / "state-4", ProcessCache(), fedpa_build)
 
 
 @pytest.mark.slow

@@ -86,10 +86,10 @@ def test_a_supernode_killed_mid_run_comes_back_and_the_run_finishes(tmp_path, em
     # client 1's state survived: each round's files, the selected round, the adapter its test used
     state = next((tmp_path / "flower" / "node-1" / "state").glob("fedavg-*/client-1"))
     names = sorted(p.name for p in state.iterdir())
-    assert names == ["adapter.safetensors", "data.pkl", "eval-1.safetensors", "eval-2.safetensors",
-                     "fit-1.safetensors", "fit-2.safetensors"], story
+    assert names == ["adapter.safetensors", "data.pkl", "state-1-0.safetensors", "state-1-1.safetensors",
+                     "state-2-0.safetensors", "state-2-1.safetensors"], story
     expected = json.loads((embedded["fedavg"] / "results.json").read_text())["best_round"]["1"]
-    assert ClientState(state).latest("eval", 2)[1]["best_round"] == expected, story
+    assert ClientState(state).before(2, 2)[1]["best_round"] == expected, story
     try:
         assert_same_run(tmp_path / "run", embedded["fedavg"])
     except AssertionError as err:

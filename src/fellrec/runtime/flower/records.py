@@ -66,11 +66,11 @@ def float_tensor(values) -> torch.Tensor:
     return torch.as_tensor(np.asarray(values, dtype=np.float64))
 
 
-def scores_content(client: str, scores: dict, samples, best_round: int, adapter: Tensors | None) -> RecordDict:
-    """A test reply: each test user's metrics with the dataset's dense user ids (``user``, so that the
-    server can write test_users.csv and runs can be paired by user), the round whose adapter was
-    tested and, if asked for, that adapter (``arrays``)."""
-    if scores:
+def test_content(client: str, scores: dict, samples, best_round: int, adapter: Tensors | None) -> RecordDict:
+    """A test reply: what the trainer's ``test`` gave (a ranking run: each test user's metrics, with
+    the dataset's dense user ids as ``user`` so that the server can write test_users.csv and runs can
+    be paired by user), the round whose adapter was tested and, if asked for, that adapter."""
+    if scores and getattr(samples, "user", None) is not None:
         scores = {**scores, "user": np.asarray(samples.user)}
     content = {"scores": to_arrays({k: float_tensor(v) for k, v in scores.items()}),
                "info": ConfigRecord({"client-id": client}),
@@ -80,8 +80,8 @@ def scores_content(client: str, scores: dict, samples, best_round: int, adapter:
     return RecordDict(content)
 
 
-def read_scores(content: RecordDict) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """(per-user metrics, user ids) of a test reply."""
-    scores = {k: v.numpy() for k, v in from_arrays(content["scores"]).items()}
-    users = scores.pop("user", np.zeros(0)).astype(np.int64)
-    return scores, users
+def read_test(content: RecordDict) -> dict[str, Any]:
+    """A test reply as the server's results read it: ``scores`` (arrays), ``best_round``, ``adapter``."""
+    return {"scores": {k: v.numpy() for k, v in from_arrays(content["scores"]).items()},
+            "best_round": int(content["metrics"]["best-round"]),
+            "adapter": from_arrays(content["arrays"]) if "arrays" in content else None}

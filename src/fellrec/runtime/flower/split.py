@@ -267,7 +267,7 @@ class SplitNode:
         tensors, config = session.first()
         rnd = int(config.pop("round"))
         payload = Payload(tensors, config)
-        node.load(rnd - 1, rnd - 1)
+        node.start(rnd, plain.FIT)
         install_public(node)
         model = node.backbone.model
 
@@ -277,7 +277,7 @@ class SplitNode:
         update, transport = run_pass(model, session, work, max_bytes=self.limit)
         if update is None:
             return _reply(session, transport, node.client, None)
-        node.state.save("fit", rnd, node.trainer.private)
+        node.done(rnd, plain.FIT)
         return _reply(session, transport, node.client, dict(update_content(node.client, update)))
 
     def evaluate(self, msg: Message) -> RecordDict:
@@ -286,14 +286,14 @@ class SplitNode:
         tensors, config = session.first()
         rnd = int(config.pop("round"))
         payload = Payload(tensors, config)
-        node.load(rnd, rnd - 1)
+        node.start(rnd, plain.EVAL)
         install_public(node)
         scores, transport = run_pass(node.backbone.model, session, lambda: node.trainer.evaluate(payload, rnd),
                                      max_bytes=self.limit)
         if scores is None:
             return _reply(session, transport, node.client, None)
         t = node.trainer
-        node.state.save("eval", rnd, t.best, {"best_score": t.best_score, "best_round": t.best_round})
+        node.done(rnd, plain.EVAL)
         return _reply(session, transport, node.client, {
             "metrics": MetricRecord({k: float(v) for k, v in scores.items()}),
             "info": ConfigRecord({"client-id": node.client, "best-round": int(t.best_round)})})
@@ -303,7 +303,7 @@ class SplitNode:
         session = Session.open(node.state.folder, node.client, msg)
         _, config = session.first()
         rounds = int(config["round"])
-        node.load(rounds, rounds)
+        node.start(rounds, plain.TEST)
         install_public(node)
         t = node.trainer
         scores, transport = run_pass(node.backbone.model, session,
@@ -561,12 +561,14 @@ class SplitClients:
         return {"split": self.host.traffic}
 
 
-def split_clients(cfg, nodes, info: dict, initial: Tensors, clients: list[str]):
-    """``plain.serve``'s clients in split mode: the trunk built here, the clients' exchanges through it."""
+def split_clients(cfg, nodes, info: dict, initial: Tensors, ids: dict[str, str]):
+    """``plain.serve``'s clients in split mode: the trunk built here, the clients' exchanges through it
+    (an LLM run, whose client names are their nodes' client-ids)."""
+    clients = list(ids)
     host, initial = start_host(cfg, nodes, info, initial, clients)
     return SplitClients(nodes, clients, host), initial, set(host.names)
 
 
-def serve(cfg, run_config, out: Path, nodes, started: float) -> None:
+def serve(cfg, run_config, out: Path, nodes, started: float, task) -> None:
     """The ServerApp of a split-mode run: ``fellrec.runtime.flower.plain.serve`` with the trunk here."""
-    plain.serve(cfg, run_config, out, nodes, started, make_clients=split_clients)
+    plain.serve(cfg, run_config, out, nodes, started, task, make_clients=split_clients)

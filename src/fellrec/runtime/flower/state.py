@@ -2,9 +2,9 @@
 
 A SuperNode starts a fresh ClientApp process for every message, so a client's state lives on its
 disk, under ``<state-dir>/<run name>-<config hash>/client-<id>/`` (``state-dir`` from the
-SuperNode's ``--node-config``): one ``<kind>-<round>.safetensors`` file per kind of state and round
-(see docs/FLOWER.md). A handler for round r reads the newest file of a round before r, never one of
-round r itself, so a message delivered again after a crash gives the same reply.
+SuperNode's ``--node-config``): the trainer's state after each phase of a round (see docs/FLOWER.md).
+A message reads the newest state saved before its own phase, never its own, so a message delivered
+again after a crash gives the same reply.
 """
 
 from __future__ import annotations
@@ -46,33 +46,40 @@ def run_key(config_text: str, name: str) -> str:
 
 
 class ClientState:
-    """One client's private state on disk: ``<kind>-<round>.safetensors`` files; the two newest of
-    each kind are kept."""
+    """One client's trainer state on disk, one ``state-<round>-<phase>.safetensors`` file per phase of a
+    round it worked in (0 training, 1 validation); the four newest are kept."""
+
+    KEEP = 4
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def rounds(self, kind: str) -> list[int]:
-        pattern = re.compile(rf"{kind}-(\d+)\.safetensors")
-        return sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := pattern.fullmatch(p.name)))
+    def saved(self) -> list[tuple[int, int]]:
+        """(round, phase) of every state file, oldest first."""
+        pattern = re.compile(r"state-(\d+)-(\d+)\.safetensors")
+        return sorted((int(m.group(1)), int(m.group(2))) for p in self.folder.iterdir()
+                      if (m := pattern.fullmatch(p.name)))
 
-    def latest(self, kind: str, at_most: int) -> tuple[dict, dict[str, Any]] | None:
-        """(tensors, meta) of the newest ``kind`` file of a round ≤ ``at_most``, or None."""
+    def before(self, rnd: int, phase: int) -> tuple[dict, dict[str, Any]] | None:
+        """(tensors, meta) of the newest state saved before phase ``phase`` of round ``rnd``, or None."""
         from safetensors import safe_open
 
-        found = [r for r in self.rounds(kind) if r <= at_most]
+        found = [key for key in self.saved() if key < (rnd, phase)]
         if not found:
             return None
-        with safe_open(str(self.folder / f"{kind}-{found[-1]}.safetensors"), framework="pt") as f:
+        with safe_open(str(self._path(*found[-1])), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("fellrec", "{}"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         return tensors, meta
 
-    def save(self, kind: str, rnd: int, tensors: dict, meta: dict[str, Any] | None = None) -> None:
-        save_tensors(self.folder / f"{kind}-{rnd}.safetensors", tensors, {"fellrec": json.dumps(meta or {})})
-        for old in self.rounds(kind)[:-2]:
-            (self.folder / f"{kind}-{old}.safetensors").unlink(missing_ok=True)
+    def save_phase(self, rnd: int, phase: int, tensors: dict, meta: dict[str, Any] | None = None) -> None:
+        save_tensors(self._path(rnd, phase), tensors, {"fellrec": json.dumps(meta or {})})
+        for old in self.saved()[:-self.KEEP]:
+            self._path(*old).unlink(missing_ok=True)
+
+    def _path(self, rnd: int, phase: int) -> Path:
+        return self.folder / f"state-{rnd}-{phase}.safetensors"
 
 
 class ProcessCache:

@@ -1,13 +1,15 @@
-"""The ClientApp: picks the client's mode (plain, split or FedPA) from the run's config and hands
-each message to that client's node (``fellrec.runtime.flower.plain``, ``split``, ``fedpa``)."""
+"""The ClientApp: builds this process's client from the run's config (an LLM client or a FedPA user;
+plain or split) and hands each message to it (``fellrec.runtime.flower.plain``, ``split``)."""
 
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fellrec import build
 from fellrec.config import config_from_text
-from fellrec.runtime.flower import fedpa, plain, split
+from fellrec.fedpa import build as fedpa_build
+from fellrec.runtime.flower import plain, split
 from fellrec.runtime.flower.state import CONFIG_KEY, ProcessCache, client_id, state_root
 
 app = ClientApp()
@@ -19,14 +21,13 @@ def node_for(context: Context):
     text = str(context.run_config[CONFIG_KEY])
     cid, root = client_id(context), state_root(context)
 
-    def build():
+    def make():
         cfg = config_from_text(text, f"run config {CONFIG_KEY}")
-        if cfg.model.backbone == "ctr":
-            return fedpa.FedPANode(text, cid, root, CACHE)
-        node = plain.ClientNode(text, cid, Path(root), CACHE)
+        kind = fedpa_build if cfg.model.backbone == "ctr" else build
+        node = plain.ClientNode(text, cid, Path(root), CACHE, kind)
         return split.SplitNode(node, split.max_bytes(context)) if cfg.storage.k is not None else node
 
-    return CACHE.get("node", (text, cid, str(root)), build)
+    return CACHE.get("node", (text, cid, str(root)), make)
 
 
 def answer(msg: Message, context: Context, work) -> Message:

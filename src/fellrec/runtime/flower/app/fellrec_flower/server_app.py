@@ -1,12 +1,15 @@
-"""The ServerApp: opens the run, picks the mode (plain, split or FedPA) and serves it."""
+"""The ServerApp: opens the run, picks what it serves (an LLM run or FedPA's; plain or split) and
+serves it."""
 
 import time
 
 from flwr.serverapp import ServerApp
 
+from fellrec.build import RankingServer
 from fellrec.config import dump
+from fellrec.fedpa.build import FedPAServer
 from fellrec.rundir import begun
-from fellrec.runtime.flower import fedpa, plain, split
+from fellrec.runtime.flower import plain, split
 from fellrec.runtime.flower.runtime import open_run
 
 app = ServerApp()
@@ -15,10 +18,13 @@ app = ServerApp()
 def serve(grid, context) -> None:
     """One fellrec run over the SuperNodes, into the run config's ``run-dir``."""
     started = time.time()
-    cfg, out, nodes = open_run(grid, context.run_config)
-    mode = fedpa if cfg.model.backbone == "ctr" else split if cfg.storage.k is not None else plain
+    run_config = context.run_config
+    cfg, out, nodes = open_run(grid, run_config)
+    mode = split if cfg.storage.k is not None else plain
     with begun(out, dump(cfg)):
-        mode.serve(cfg, context.run_config, out, nodes, started)
+        task = (FedPAServer(cfg, out) if cfg.model.backbone == "ctr"
+                else RankingServer(cfg, out, bool(run_config.get("collect-adapters", True))))
+        mode.serve(cfg, run_config, out, nodes, started, task)
 
 
 app.main()(serve)
