@@ -1,43 +1,11 @@
-"""Amazon Reviews 2018 and 2023 (McAuley lab, UCSD), as the user downloads them.
-
-Both releases are one JSON object per line, usually gzipped; the loaders read only the keys they
-need, line by line, so a category with millions of reviews loads in one pass per file.
-
-``amazon2018`` -- "Amazon Review Data (2018)" (Jianmo Ni's page at UCSD):
-
-- reviews: ``<Category>_5.json.gz`` (the 5-core subset) or ``<Category>.json.gz`` (all reviews),
-  keys ``reviewerID``, ``asin``, ``overall`` (the 1-5 rating), ``unixReviewTime`` (Unix seconds),
-  plus ``reviewTime``, ``reviewerName``, ``reviewText``, ``summary``, ``verified``, ``vote``,
-  ``style``, ``image`` that are not read.
-- meta: ``meta_<Category>.json.gz`` keyed by ``asin``, with ``title``, ``brand``, ``category`` (a
-  list, root first), ``main_cat``, ``price`` (text such as "$12.99" or ""), ``also_buy``, ... .
-  Kept: ``title`` and the attributes ``brand``, ``categories`` (tuple), ``main_cat``, ``price``.
-
-``amazon2023`` -- "Amazon Reviews'23" (McAuley lab; also on Hugging Face as
-McAuley-Lab/Amazon-Reviews-2023):
-
-- reviews: ``<Category>.jsonl`` or ``<Category>.jsonl.gz`` with ``user_id``, ``parent_asin``,
-  ``asin``, ``rating`` (1-5), ``timestamp`` in MILLISECONDS, ``title``/``text`` (of the review),
-  ``helpful_vote``, ``verified_purchase``. Items are ``parent_asin`` (a product with its
-  variants), as in the lab's own benchmark files; timestamps become float seconds.
-- meta: ``meta_<Category>.jsonl(.gz)`` keyed by ``parent_asin``, with ``title``,
-  ``main_category``, ``store``, ``categories`` (a list), ``price`` (a number or null),
-  ``details`` (a dict), ``features``, ``description``, ... . Kept: ``title`` and the attributes
-  ``main_category``, ``store``, ``categories`` (tuple), ``price`` (float, NaN where null),
-  ``details`` (dict).
-
-What a user should know:
-
-- The meta file is found beside the reviews file (``Video_Games_5.json.gz`` ->
-  ``meta_Video_Games.json.gz``, gzipped or not) unless ``data.meta`` names it.
-- Titles and brands keep their text, with HTML entities decoded ("&amp;" -> "&"), which the 2018
-  meta files are full of. An item whose meta has no title (null, absent or blank) is kept and named
-  by its id ("item B0002"); a note on the Dataset counts such items and names the first one's line.
-- A review of an item that the meta file lacks is a bad line ("unknown item"). The real files do
-  have some of these (the lab notes that some items lack metadata), so a full category usually
-  needs the skip-bad-lines mode, which drops and counts them.
-- Duplicate meta lines (the 2018 files have a few) keep the first.
-- Rows keep the file order; ties in time are broken by it downstream.
+"""Amazon Reviews 2018 and 2023 (McAuley lab, UCSD), as the user downloads them: one JSON object per
+line, usually gzipped, read line by line for the keys the loaders need (one pass per file). The
+reviews give the interactions; the meta file beside them (or ``data.meta``) the titles and
+attributes (2018: ``brand``, ``categories``, ``main_cat``, ``price``; 2023: ``main_category``,
+``store``, ``categories``, ``price``, ``details``). 2023 items are ``parent_asin`` and its
+millisecond timestamps become seconds. Titles and brands have HTML entities decoded; an item
+without a title is named by its id (one note); a review of an item the meta file lacks is a bad
+line ("unknown item"); duplicate meta lines keep the first. Files and keys: docs/DATA.md.
 """
 
 from __future__ import annotations

@@ -1,41 +1,13 @@
-"""KuaiRand (Kuaishou short-video logs with randomly exposed videos; Gao et al., CIKM 2022).
+"""KuaiRand (Kuaishou short-video logs with randomly exposed videos; Gao et al., CIKM 2022), as the
+user downloads a release (Pure, 1K or 27K, recognised from the file names; ``path`` is its ``data``
+folder or the folder above it).
 
-The user gets it from the KuaiRand home page (the chongminggao/KuaiRand project), in one of three
-releases whose ``data`` folder holds, with ``<v>`` = ``pure``, ``1k`` or ``27k``:
-
-- ``log_standard_4_08_to_4_21_<v>.csv``, ``log_standard_4_22_to_5_08_<v>.csv`` (standard
-  recommendation feed) and ``log_random_4_22_to_5_08_<v>.csv`` (randomly exposed videos), header
-  ``user_id,video_id,date,hourmin,time_ms,is_click,is_like,is_follow,is_comment,is_forward,
-  is_hate,long_view,play_time_ms,duration_ms,profile_stay_time,comment_stay_time,
-  is_profile_enter,is_rand,tab``; ``time_ms`` is Unix time in milliseconds. KuaiRand-27K splits
-  the standard logs into ``..._27k_part1.csv``, ``..._27k_part2.csv``; parts are read in order.
-- ``user_features_<v>.csv``: ``user_id,user_active_degree,is_lowactive_period,
-  is_live_streamer,is_video_author,follow_user_num,follow_user_num_range,fans_user_num,
-  fans_user_num_range,friend_user_num,friend_user_num_range,register_days,register_days_range,
-  onehot_feat0..onehot_feat17``.
-- ``video_features_basic_<v>.csv``: ``video_id,author_id,video_type,upload_dt,upload_type,
-  visible_status,video_duration,server_width,server_height,music_id,music_type,tag``.
-- ``video_features_statistic_<v>.csv`` (``_27k_part1..3`` in 27K): ``video_id,counts,show_cnt,
-  show_user_num,play_cnt,...,outsite_share_all_cnt`` (one row per video, averages over a month).
-
-``path`` is that ``data`` folder or the release folder above it; the release is recognised from
-the file names present.
-
-Decisions:
-
-- Interactions are every row of the logs in file order: the two standard logs, then the random
-  log (a note on the Dataset says how many came from the random log). The rating is ``is_click``
-  (1 = click, or a valid play in the single-column UI; 0 = shown but not clicked, kept: these are
-  exposed negatives); the timestamp is ``time_ms / 1000``.
-- Users are ``user_features`` with every column as an attribute; items are the basic video
-  features left-joined with the statistic features on ``video_id``, every column kept (FedPA reads
-  them). Videos have no titles: each is named by its id ("item 100"), and a note on the Dataset says
-  so once (see ``Dataset.from_raw``). Feature columns keep the types pandas reads
-  (numbers as numbers, the rest as text; empty fields are missing values).
-- A log row whose video or user is missing from the feature files is a bad line ("unknown item",
-  "unknown user").
-- Memory: KuaiRand-Pure and -1K load on a laptop; -27K (322 M log rows, 20 GB of statistic
-  features) needs a machine with several tens of GB of RAM.
+Interactions are every log row in file order (the two standard logs, then the random one, with a
+note on how many came from it; 27K's parts in order), rating ``is_click`` (0: shown, not clicked),
+timestamp ``time_ms / 1000``. Users keep every ``user_features`` column; items the basic video
+features left-joined with the statistic ones. Videos have no titles: each is named by its id (one
+note). A row whose video or user is missing from the feature files is a bad line. Files and
+columns: docs/DATA.md; -27K (322 M rows) needs tens of GB of RAM.
 """
 
 from __future__ import annotations

@@ -1,36 +1,15 @@
 """FedPA's client side: ``FedPATrainer`` is one private user (one client), and ``build_federation``
-sets up the strategy and every user's trainer for FedPA or one of its baselines.
+sets up the strategy and every user's trainer for FedPA or one of its baselines (``ALGORITHMS``:
+model variant and server strategy; docs/ALGORITHMS.md).
 
 Every trainer points at the SAME ``FedPAModel`` (one frozen foundation model in memory); a
 client's own state is a few small tensors (its user-attribute embedding rows and user adapter for
-FedPA), kept here and passed to the model per call. The trainer follows the runtime's
-ClientTrainer protocol (``fellrec.trainer.AdapterTrainer``): ``steps_per_round``,
-``fit(payload, rnd, on_step)``, ``evaluate(payload, rnd)``, ``test()``, ``state()``/``load_state()``.
-
-- ``fit``: tensors = defaults, overridden by the client's own, overridden by the payload's; one
-  fresh Adam (as the released code) for ``local_epochs`` passes over the user's train interactions
-  in batches of ``batch_size`` (one batch for almost every user), through ``fellrec.train.train_steps``
-  as every algorithm; afterwards the client keeps the
-  tensors the server did not send and, when ``share``, uploads the ones it did, with
-  Laplace(0, ``ldp_scale``) noise added when the payload's config (or the trainer) sets a scale.
-- ``evaluate``: predicts the user's validation AND test interactions with the payload's tensors
-  and keeps both per round (a few floats per interaction), so test metrics can be reported for
-  the round chosen on validation only (``pooled_selection``: pooled validation AUC, as the
-  released code selects) or for the client's own best round (``best_round``, by ``select_by``
-  on its own validation samples: ``logloss`` by default, since one user's AUC is often undefined).
-
-Training is reproducible from (seed, round, client): the batch order and the LDP noise are drawn
-from generators seeded with them (``fellrec.trainer.derive_seed``).
-
-Algorithms (``ALGORITHMS``: model variant, server strategy):
-
-- ``fedpa``: FedPA (``fellrec.strategies.fedpa.FedPA``);
-- ``fedavg-adapter``: one LoRA adapter per hidden layer plus the output layer, shared by FedAvg;
-  the user-attribute embedding rows stay private, as in FedPA;
-- ``fedavg-full``: the whole foundation model, FedAvg (``fellrec.strategies.fedavg.FedAvg``);
-- ``local``: each user fine-tunes the whole foundation model alone (``Local``);
-- ``local-fedpa``: FedPA's model trained alone (nothing shared);
-- ``frozen``: the pre-trained model, no training (run it with 0 rounds, or any number).
+FedPA), kept here and passed to the model per call. ``fit`` trains tensors = defaults, overridden
+by the client's own, overridden by the payload's, through ``fellrec.train.train_steps`` (Adam,
+fresh each round, over one flat vector), keeps what the server did not send and uploads what it
+did (with Laplace noise when an LDP scale is set); ``evaluate`` keeps each round's validation and
+test predictions, so that the test can be reported at the round chosen on the pooled validation
+(``pooled_selection``). Training is reproducible from (seed, round, client).
 """
 
 from __future__ import annotations

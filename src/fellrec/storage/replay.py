@@ -1,37 +1,13 @@
-"""Split execution when the client cannot wait for the server: replay with the replies it has.
-
-Where only the server may send (Flower: a client answers messages, it never calls the server) and
-each message may find the client in a new process, the client cannot stop in the middle of a
-backward pass to wait for the trunk's gradient. It runs its work instead as a *pass* over a
-``ReplayTransport`` that answers every request from the server's replies it was given:
-
-- a request whose reply is known gets it;
-- a content-free request (``step``, ``reorder``, ``release``: the server's reply carries nothing) gets
-  an empty reply at once and is queued for the server, which applies the requests in order;
-- a ``forward`` or ``backward`` request without a reply is queued too and, with ``speculate``, answered
-  with a placeholder of the reply's shape so that the pass goes on and queues the requests that do not
-  depend on it: the other micro-batches of an evaluation, the backward of a step with the forward of
-  the next one at k = 0. In training (a backward, a forward that keeps its graph) the placeholder is
-  NaN, which marks what depends on it: a request that carries a non-finite value after a placeholder
-  was handed out stops the pass (``NeedReplies``). Without a graph (evaluation) it is 0, as NaN would
-  stop the ranking metrics at the first batch; there nothing later depends on a forward's output
-  (each batch stands alone) and the check below would catch it if something did. Without
-  ``speculate``, and always for ``decode`` (whose reply steers the beam search), the pass stops at the
-  first request without a reply;
-- the pass also stops once the queued requests pass ``max_bytes``.
-
-Once stopped, the transport answers nothing more (what the work sends while it unwinds, a ``finally``
-that releases a generation session, say, is not the work's next request).
-
-A pass that handed out a placeholder computed garbage after it; the caller throws its results away,
-sends the queued requests, and runs the pass again (the same requests, in the same order, with the
-same numbers: the work must be deterministic) once the replies are there. Each pass gets at least
-one reply further, so the work ends. ``sent`` holds a fingerprint of each request the server
-answered; a request that comes again with other contents than the one answered raises
-``ReplayDiverged`` (work that is not deterministic, or a placeholder that leaked into a request).
-
-Bytes are counted as ``InProcessTransport`` counts them, once per request and reply of a pass;
-``clean`` says whether the pass so far used real replies only.
+"""Split execution when the client cannot wait for the server (Flower: a client only answers
+messages, each maybe in a new process): the client runs its work as a *pass* over a
+``ReplayTransport`` that answers each trunk request from the server replies it was given. A
+request without a reply is queued for the server; with ``speculate``, a ``forward`` or ``backward``
+gets a placeholder (NaN in training, 0 in evaluation) so that the pass goes on and queues the
+requests that do not depend on it; a request that depends on a placeholder, a ``decode``, or
+``max_bytes`` of queued requests stops the pass (``NeedReplies``). The caller sends the queued
+requests and runs the pass again once the replies are there (the work must be deterministic:
+``ReplayDiverged`` says when a request came back with other contents). docs/FLOWER.md tells the
+whole story.
 """
 
 from __future__ import annotations
