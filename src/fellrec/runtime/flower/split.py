@@ -261,14 +261,19 @@ class SplitNode:
     def saved_caches(self) -> None:
         self.node.saved_caches()
 
-    def fit(self, msg: Message) -> RecordDict:
-        node = self.node
-        session = Session.open(node.state.folder, node.client, msg)
+    def _begin(self, msg: Message, phase: int) -> tuple[Session, int, Payload, dict]:
+        """The exchange this message belongs to, with the round, the payload and the config of its
+        first message; the trainer's state as it was before ``phase`` of that round."""
+        session = Session.open(self.node.state.folder, self.node.client, msg)
         tensors, config = session.first()
         rnd = int(config.pop("round"))
-        payload = Payload(tensors, config)
-        node.start(rnd, plain.FIT)
-        install_public(node)
+        self.node.start(rnd, phase)
+        install_public(self.node)
+        return session, rnd, Payload(tensors, config), config
+
+    def fit(self, msg: Message) -> RecordDict:
+        node = self.node
+        session, rnd, payload, _ = self._begin(msg, plain.FIT)
         model = node.backbone.model
 
         def work():  # run_pass has given the model this pass's transport
@@ -282,29 +287,19 @@ class SplitNode:
 
     def evaluate(self, msg: Message) -> RecordDict:
         node = self.node
-        session = Session.open(node.state.folder, node.client, msg)
-        tensors, config = session.first()
-        rnd = int(config.pop("round"))
-        payload = Payload(tensors, config)
-        node.start(rnd, plain.EVAL)
-        install_public(node)
+        session, rnd, payload, _ = self._begin(msg, plain.EVAL)
         scores, transport = run_pass(node.backbone.model, session, lambda: node.trainer.evaluate(payload, rnd),
                                      max_bytes=self.limit)
         if scores is None:
             return _reply(session, transport, node.client, None)
-        t = node.trainer
         node.done(rnd, plain.EVAL)
         return _reply(session, transport, node.client, {
             "metrics": MetricRecord({k: float(v) for k, v in scores.items()}),
-            "info": ConfigRecord({"client-id": node.client, "best-round": int(t.best_round)})})
+            "info": ConfigRecord({"client-id": node.client, "best-round": int(node.trainer.best_round)})})
 
     def test(self, msg: Message) -> RecordDict:
         node = self.node
-        session = Session.open(node.state.folder, node.client, msg)
-        _, config = session.first()
-        rounds = int(config["round"])
-        node.start(rounds, plain.TEST)
-        install_public(node)
+        session, _, _, config = self._begin(msg, plain.TEST)
         t = node.trainer
         scores, transport = run_pass(node.backbone.model, session,
                                      lambda: t.test(node.test_samples) if len(node.test_samples) else {},
