@@ -606,6 +606,8 @@ def format_compare(runs: Sequence[Run | str | Path], metric: str = "recall@10") 
 def comparison_tables(runs: Sequence[Run], metric: str) -> list[tuple[str, tuple]]:
     """(title, (header, rows[, left])) of the tables after the summary."""
     out = []
+    if all(task_of(r.results) == "ctr" for r in runs):
+        return out  # FedPA's metrics are pooled over users: no per-user or per-client tables
     paired = paired_rows(runs, [metric, *(["ndcg@10"] if metric != "ndcg@10" else [])])
     if paired[1]:
         out.append(("Paired differences on the same test users (A − B, 95% bootstrap CI; * = the interval "
@@ -617,9 +619,25 @@ def comparison_tables(runs: Sequence[Run], metric: str) -> list[tuple[str, tuple
     return out
 
 
+def ctr_summary_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
+    header = ["run", "algorithm", *CTR_METRICS[:3], "valid auc", "round", "bytes up+down", "time"]
+    rows = []
+    for r in runs:
+        res = r.results
+        overall, valid, comm = res.get("overall") or {}, res.get("valid") or {}, res.get("communication") or {}
+        rows.append([r.name, str(res.get("algorithm") or MISSING), *(fmt(overall.get(m)) for m in CTR_METRICS[:3]),
+                     fmt(valid.get("auc")), str(res.get("best_round", MISSING)),
+                     human_bytes(_sum_known(comm.get("bytes_up"), comm.get("bytes_down"))),
+                     human_time(res.get("time_s"))])
+    return header, rows
+
+
 def summary_rows(runs: Sequence[Run], metric: str = "recall@10") -> tuple[list[str], list[list[str]]]:
     """One row per run: name, algorithm, backbone, overall metrics, the interval of ``metric``, its spread
-    across clients, bytes, time."""
+    across clients, bytes, time (FedPA's runs: the pooled test metrics and validation AUC at the selected
+    round)."""
+    if runs and all(task_of(r.results) == "ctr" for r in runs):
+        return ctr_summary_rows(runs)
     metrics = rank_metrics({m for r in runs for m in r.results.get("overall") or {}})
     header = ["run", "algorithm", "backbone", "users", *map(short, metrics), f"{short(metric)} 95% CI",
               f"std {short(metric)}", f"max/min {short(metric)}", "bytes up+down", "time"]

@@ -27,6 +27,14 @@ def test_fedpa_through_the_cli(tmp_path, capsys):
     assert fed["rounds"] == 2 and 0 < fed["communication"]["bytes_up"] < 20_000 * 754 * 2
     frozen = json.loads((tmp_path / "f-frozen" / "results.json").read_text())
     assert frozen["rounds"] == 0 and frozen["communication"]["bytes_up"] == 0
+    assert fed["task"] == frozen["task"] == "ctr"  # results.json's one schema, with what its metrics measure
+    # the comparison that ends the command shows the pooled metrics, not empty ranking columns
+    table = shown[shown.index("run  "):]
+    assert table.split("\n")[0].split() == ["run", "algorithm", "auc", "gauc", "logloss", "valid", "auc", "round",
+                                            "bytes", "up+down", "time"]
+    row = next(line for line in table.split("\n") if line.startswith("f-fedpa "))
+    assert f"{fed['overall']['auc']:.4f}" in row and f"{fed['valid']['auc']:.4f}" in row
+    assert "per client" not in table
 
 
 def test_fedpa_config_errors():
