@@ -154,7 +154,7 @@ class ModelConfig:
     sasrec_epochs: int = opt(30, "sasrec: training epochs (best validation epoch kept)")
 
 
-ALGORITHMS = ("centralized", "local", "fedavg", "fedprox", "fellrec")
+ALGORITHMS = ("centralized", "local", "fedavg", "fedprox", "fellrec", "ffa-lora", "fedsa-lora")
 FEDPA_ALGORITHMS = ("fedpa", "fedavg-adapter", "fedavg-full", "local", "local-fedpa", "frozen")
 CTR_SELECT_BY = ("auc", "gauc", "logloss")
 # FedPA (model.backbone: ctr) trains a small CTR model: where a run of it does not set these keys,
@@ -171,7 +171,9 @@ class TrainConfig:
     algorithm: str = opt("fedavg", "centralized: one adapter on the union of all clients' samples (the "
                          "upper bound); local: each client alone; fedavg: sample-weighted mean of the "
                          "clients' adapters; fedprox: fedavg plus a proximal term; fellrec: FELLRec's "
-                         "dynamic balance (a personal adapter per client). model.backbone=ctr (default "
+                         "dynamic balance (a personal adapter per client); ffa-lora: LoRA's A frozen at "
+                         "its shared initialisation, the rest averaged (FFA-LoRA); fedsa-lora: A averaged, B "
+                         "kept by each client (FedSA-LoRA). model.backbone=ctr (default "
                          "fedpa): fedpa: user + group adapters mixed by a gate; fedavg-adapter: one shared "
                          "adapter; fedavg-full: FedAvg of the whole model; local: whole model per user; "
                          "local-fedpa: FedPA's model without a server; frozen: the foundation model as is",
@@ -324,6 +326,9 @@ class Config:
         if self.train.algorithm not in known:
             bad("train.algorithm", f"{self.train.algorithm!r} is not one of {', '.join(known)}{why}",
                 "train.algorithm", "model.backbone")
+        if self.train.algorithm in ("ffa-lora", "fedsa-lora") and self.storage.k is not None:
+            bad("train.algorithm", f"{self.train.algorithm} does not run in split mode (storage.k) yet: the server "
+                "trains the trunk's A and B as one", "train.algorithm", "storage.k")
         if ctr and self.eval.select_by not in CTR_SELECT_BY:
             bad("eval.select_by", f"{self.eval.select_by!r}: FedPA selects its round by the pooled validation "
                 f"{', '.join(CTR_SELECT_BY)}", "eval.select_by", "model.backbone")

@@ -76,7 +76,9 @@ class AdapterTrainer:
         torch.manual_seed(seed)  # LoRA dropout
         if hasattr(self.backbone, "reseed"):
             self.backbone.reseed(seed)  # the ranker's sampled negatives
-        optimizer, scheduler = make_optimizer(self._param_groups(model), t, self.steps_per_round, warmup=rnd == 1)
+        frozen = payload.config.get("frozen")  # FFA-LoRA: A stays at its shared initialisation
+        optimizer, scheduler = make_optimizer(self._param_groups(model, frozen), t, self.steps_per_round,
+                                              warmup=rnd == 1)
         split_before = (0, 0)
         if is_split(model):  # the server trains the trunk's adapter with its own optimizer, step for step
             model.reset_trunk_optimizer(lambda ps: make_optimizer(ps, t, self.steps_per_round, warmup=rnd == 1))
@@ -92,17 +94,20 @@ class AdapterTrainer:
                                  sampler=BatchSampler(len(self.train), t.batch_size, seed), optimizer=optimizer,
                                  scheduler=scheduler, grad_clip=t.grad_clip, on_step=on_step, hook=hook)
         self.private = read_full(model)
-        shared = {k: v for k, v in self.private.items() if k not in self.kept} if payload.config.get("share", True) \
-            else {}
+        shared = {}
+        if payload.config.get("share", True):
+            sent = payload.tensors if payload.config.get("upload") == "sent" else self.private
+            shared = {k: self.private[k] for k in sent if k not in self.kept}
         metrics = {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": len(losses)}
         if is_split(model):  # activations and gradients exchanged with the trunk in this local training
             metrics["split_bytes_up"] = model.transport.bytes_up - split_before[0]
             metrics["split_bytes_down"] = model.transport.bytes_down - split_before[1]
         return ClientUpdate(self.client, shared, len(self.train), metrics)
 
-    def _param_groups(self, model) -> list:
-        """The adapter's parameters for the optimizer: one group, or one more per prefix in ``group_lrs``."""
-        params = adapter_parameters(model)
+    def _param_groups(self, model, frozen: str | None = None) -> list:
+        """The adapter's parameters for the optimizer (those whose name holds ``frozen`` left out): one
+        group, or one more per prefix in ``group_lrs``."""
+        params = {n: p for n, p in adapter_parameters(model).items() if not (frozen and frozen in n)}
         if not self.group_lrs:
             return list(params.values())
         groups = {prefix: [] for prefix in self.group_lrs}

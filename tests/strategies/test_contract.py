@@ -32,6 +32,8 @@ SETTINGS = {
     "fedavg": (_initial, ["0", "1", "2"], {}),
     "fedprox": (_initial, ["0", "1", "2"], {"prox_mu": 0.1}),
     "fellrec": (_initial, ["0", "1", "2"], {"alpha": 0.7, "beta": 5.0, "tau": 0.05}),
+    "ffa-lora": (_initial, ["0", "1", "2"], {}),
+    "fedsa-lora": (_initial, ["0", "1", "2"], {}),
     "fedpa": (_fedpa_initial, ["u1", "u2", "u3"],
               {"client_groups": {"u1": {"age": 0}, "u2": {"age": 1}, "u3": {"age": 1}}}),
 }

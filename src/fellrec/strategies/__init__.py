@@ -10,10 +10,13 @@ from fellrec.strategies.centralized import POOLED, Centralized
 from fellrec.strategies.fedavg import FedAvg
 from fellrec.strategies.fedpa import FedPA
 from fellrec.strategies.fedprox import FedProx
+from fellrec.strategies.fedsa_lora import FedSALoRA
 from fellrec.strategies.fellrec import FELLRec
+from fellrec.strategies.ffa_lora import FFALoRA
 from fellrec.strategies.local import Local
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Centralized, Local, FedAvg, FedProx, FELLRec, FedPA)}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (
+    Centralized, Local, FedAvg, FedProx, FELLRec, FedPA, FFALoRA, FedSALoRA)}
 
 __all__ = ["POOLED", "STRATEGIES", "ClientTrainer", "ClientUpdate", "Payload", "Strategy", "Tensors", "make_strategy",
            "weighted_mean"]

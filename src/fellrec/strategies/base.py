@@ -25,6 +25,8 @@ class Payload:
     """What the server sends one client: tensors to load over the client's own, and instructions.
 
     ``config`` keys the client trainer understands: ``share`` (bool: send the adapter back),
+    ``upload`` (``sent``: send back only the tensors this payload holds, the others are the
+    client's own), ``frozen`` (a part of a tensor name, e.g. ``.lora_A.``: do not train those),
     ``prox_mu`` (float: FedProx's proximal weight, measured against ``tensors``).
     """
 

@@ -217,23 +217,23 @@ def serve(cfg, run_dir, tmp_path, nodes=None, on_deliver=None):
     return grid
 
 
-def embedded_runs(root: Path) -> dict[str, Path]:
+def embedded_runs(root: Path, algorithms=("fedavg", "fellrec")) -> dict[str, Path]:
     """The embedded runtime's runs that the Flower runs must reproduce, by algorithm."""
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FELLREC_CACHE", str(root / "cache"))
-        for alg in ("fedavg", "fellrec"):
+        for alg in algorithms:
             out[alg] = run(load_config(None, [*THREE, f"train.algorithm={alg}", f"name={alg}"]), root, progress=False)
     return out
 
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
-    return embedded_runs(tmp_path_factory.mktemp("embedded"))
+    return embedded_runs(tmp_path_factory.mktemp("embedded"), ("fedavg", "fellrec", "ffa-lora", "fedsa-lora"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["fedavg", "fellrec"])
+@pytest.mark.parametrize("algorithm", ["fedavg", "fellrec", "ffa-lora", "fedsa-lora"])
 def test_server_and_client_apps_reproduce_the_embedded_run(tmp_path, embedded, algorithm):
     cfg = load_config(None, [*THREE, f"train.algorithm={algorithm}", f"name={algorithm}"])
     grid = serve(cfg, tmp_path / "run", tmp_path)
