@@ -2,14 +2,15 @@
 ICLR 2025): the A matrices learn what the clients share and are averaged; the B matrices learn what
 is each client's own and never leave it. Every other adapter tensor (the item-token head) is shared
 and averaged as in FedAvg. A client sends back only the tensors it was sent (``upload: sent``), so
-the B matrices' bytes are never counted."""
+the B matrices' bytes are never counted; it validates and tests with the shared A and its own B."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fellrec.strategies.base import ClientUpdate, Payload, Strategy, Tensors, weighted_mean
-from fellrec.strategies.lora_parts import is_b
+from fellrec.strategies.base import ClientUpdate, Payload, Strategy, Tensors
+from fellrec.strategies.fedavg import FedAvg
+from fellrec.strategies.lora_parts import is_b, only_sent
 
 
 class FedSALoRA(Strategy):
@@ -17,29 +18,23 @@ class FedSALoRA(Strategy):
 
     def __init__(self, initial: Tensors, clients: list[str], **options: Any):
         super().__init__(initial, clients)
-        self.shared = {k: v.clone() for k, v in initial.items() if not is_b(k)}
+        self.avg = FedAvg({k: v for k, v in initial.items() if not is_b(k)}, clients)  # FedAvg of all but B
 
     def configure_fit(self, rnd: int, client: str) -> Payload:
-        return Payload(self.shared, {"share": True, "upload": "sent"})
+        payload = self.avg.configure_fit(rnd, client)
+        return Payload(payload.tensors, {**payload.config, "upload": "sent"})
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> dict[str, Any]:
-        if updates:
-            kept = sorted(k for u in updates for k in u.tensors if k not in self.shared)
-            if kept:
-                raise ValueError(f"fedsa-lora: a client sent tensors it keeps to itself: {kept[:3]}")
-            self.shared = weighted_mean(updates)
-        return {"weights": {u.client: u.num_examples for u in updates}}
+        return self.avg.aggregate(rnd, only_sent(self.name, updates, self.avg.global_tensors()))
 
     def configure_evaluate(self, client: str) -> Payload:
-        return Payload(self.shared)  # the client validates with the shared A and its own B
+        return self.avg.configure_evaluate(client)
 
     def global_tensors(self) -> Tensors:
-        return self.shared
+        return self.avg.global_tensors()
 
     def state(self) -> Tensors:
-        return dict(self.shared)
+        return self.avg.state()
 
     def load_state(self, tensors: Tensors) -> None:
-        if tensors.keys() != self.shared.keys():
-            raise ValueError("checkpoint's shared tensors do not match the model's adapter")
-        self.shared = dict(tensors)
+        self.avg.load_state(tensors)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fellrec.strategies.base import ClientUpdate, Payload, Strategy, Tensors, weighted_mean
-from fellrec.strategies.lora_parts import LORA_A, is_a
+from fellrec.strategies.base import ClientUpdate, Payload, Strategy, Tensors
+from fellrec.strategies.fedavg import FedAvg
+from fellrec.strategies.lora_parts import LORA_A, is_a, only_sent
 
 
 class FFALoRA(Strategy):
@@ -17,29 +18,23 @@ class FFALoRA(Strategy):
 
     def __init__(self, initial: Tensors, clients: list[str], **options: Any):
         super().__init__(initial, clients)
-        self.shared = {k: v.clone() for k, v in initial.items() if not is_a(k)}
+        self.avg = FedAvg({k: v for k, v in initial.items() if not is_a(k)}, clients)  # FedAvg of all but A
 
     def configure_fit(self, rnd: int, client: str) -> Payload:
-        return Payload(self.shared, {"share": True, "upload": "sent", "frozen": LORA_A})
+        payload = self.avg.configure_fit(rnd, client)
+        return Payload(payload.tensors, {**payload.config, "upload": "sent", "frozen": LORA_A})
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> dict[str, Any]:
-        if updates:
-            extra = sorted(k for u in updates for k in u.tensors if k not in self.shared)
-            if extra:
-                raise ValueError(f"ffa-lora: a client sent tensors it was not sent (A is frozen): {extra[:3]}")
-            self.shared = weighted_mean(updates)
-        return {"weights": {u.client: u.num_examples for u in updates}}
+        return self.avg.aggregate(rnd, only_sent(self.name, updates, self.avg.global_tensors()))
 
     def configure_evaluate(self, client: str) -> Payload:
-        return Payload(self.shared)
+        return self.avg.configure_evaluate(client)
 
     def global_tensors(self) -> Tensors:
-        return self.shared
+        return self.avg.global_tensors()
 
     def state(self) -> Tensors:
-        return dict(self.shared)
+        return self.avg.state()
 
     def load_state(self, tensors: Tensors) -> None:
-        if tensors.keys() != self.shared.keys():
-            raise ValueError("checkpoint's shared tensors do not match the model's adapter")
-        self.shared = dict(tensors)
+        self.avg.load_state(tensors)

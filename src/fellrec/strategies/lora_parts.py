@@ -12,3 +12,11 @@ def is_a(name: str) -> bool:
 
 def is_b(name: str) -> bool:
     return LORA_B in name
+
+
+def only_sent(strategy: str, updates: list, sent: dict) -> list:
+    """``updates``, checked to hold only tensors the server sent (the others are the client's own)."""
+    extra = sorted({k for u in updates for k in u.tensors if k not in sent})
+    if extra:
+        raise ValueError(f"{strategy}: a client sent tensors it was not sent (they stay on the client): {extra[:3]}")
+    return updates
