@@ -49,7 +49,7 @@ from fellrec.strategies import Payload
 text = Path(sys.argv[2]).read_text()
 node = ClientNode(text, "0", Path(sys.argv[3]), ProcessCache(), build)
 t2 = time.perf_counter()
-node.trainer.fit(Payload(dict(node.initial), {}), 1)
+node.trainer.fit(Payload(dict(node.parts.initial), {}), 1)
 t3 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "build_s": t2 - t1, "fit_s": t3 - t2}))
 """
