@@ -19,12 +19,13 @@ from fellrec.backbones.prompts import Prompt
 from fellrec.backbones.ranker import TextRanker
 from fellrec.config import Config, dump, to_dict
 from fellrec.errors import ConfigError
+from fellrec.evaluate import test_summary
 from fellrec.files import save_tensors
 from fellrec.holdout import Samples
 from fellrec.llm import load_base, model_id
 from fellrec.metrics import metric_keys
 from fellrec.pipeline import Prepared, prepare
-from fellrec.results import ranking_summary, record, rounds
+from fellrec.results import record, rounds
 from fellrec.strategies import make_strategy
 from fellrec.trainer import AdapterTrainer, ClientParts, derive_seed, read_full
 
@@ -291,7 +292,7 @@ class RankingServer:
         per_user_ = {k: np.concatenate(v) for k, v in per_user.items()}
         client_of_, users_ = np.concatenate(client_of), np.concatenate(users)
         results = record(
-            cfg, dataset=info[clients[0]]["dataset"], summary=ranking_summary(per_user_, client_of_),
+            cfg, dataset=info[clients[0]]["dataset"], summary=test_summary(per_user_, client_of_),
             client_names={c: info[c]["name"] for c in clients},
             warnings=protocol_warnings([info[c]["name"] for c in clients], [info[c]["valid"] for c in clients],
                                        [info[c]["test"] for c in clients], cfg.split.method),

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from fellrec.evaluate import test_summary
 from fellrec.files import write_text
 
 TEST_USERS = "test_users.csv"
@@ -24,17 +23,12 @@ TEST_USERS = "test_users.csv"
 def record(cfg, *, dataset: str, summary: dict[str, Any], client_names: Mapping[Any, str] | None = None,
            warnings: Iterable[str] = (), task: str = "ranking", **parts: Any) -> dict[str, Any]:
     """results.json's content: the run's identity and ``task``, the test ``summary`` (``overall``,
-    ``clients``, ``imbalance``, ``intervals``: ``ranking_summary`` for a ranking run), the clients'
+    ``clients``, ``imbalance``, ``intervals``: ``fellrec.evaluate.test_summary`` for a ranking run), the clients'
     names, the protocol's warnings, then ``parts`` (what the kind of run adds)."""
     algorithm = f"fedpa:{cfg.train.algorithm}" if task == "ctr" else cfg.train.algorithm
     return {"name": cfg.name, "task": task, "algorithm": algorithm, "backbone": cfg.model.backbone,
             "dataset": dataset, **summary, "client_names": {str(c): n for c, n in (client_names or {}).items()},
             "warnings": list(warnings), **parts}
-
-
-def ranking_summary(per_user: dict[str, np.ndarray], client_of: np.ndarray) -> dict[str, Any]:
-    """The test summary of a ranking run from each test user's metrics (``fellrec.evaluate.test_summary``)."""
-    return test_summary(per_user, client_of)
 
 
 def task_of(results: dict[str, Any]) -> str:

@@ -46,11 +46,11 @@ from fellrec.build import (
 )
 from fellrec.config import Config, dump, load_config, to_dict
 from fellrec.errors import ConfigError
-from fellrec.evaluate import evaluate
+from fellrec.evaluate import evaluate, test_summary
 from fellrec.files import plain, save_tensors, write_text
 from fellrec.holdout import Samples
 from fellrec.pipeline import Prepared, prepare
-from fellrec.results import ranking_summary, record, rounds
+from fellrec.results import record, rounds
 from fellrec.rundir import begun, complete, finish, is_finished, is_resumable
 from fellrec.runtime.embedded import embedded
 from fellrec.strategies import POOLED, make_strategy
@@ -102,7 +102,7 @@ def run(cfg: Config, runs_dir: str | Path = "runs", progress: bool = True, resum
             per_user, parts, earlier = federated_run(cfg, p, test, out, progress, warnings)
             started -= earlier  # a resumed run counts the rounds of the processes before
         client_of = p.client_of(test.user)
-        results = record(cfg, dataset=p.dataset.name, summary=ranking_summary(per_user, client_of),
+        results = record(cfg, dataset=p.dataset.name, summary=test_summary(per_user, client_of),
                          client_names=dict(enumerate(p.partition.names)), warnings=warnings, **parts)
         return finish(out, started, results, (per_user, client_of, test.user))
 

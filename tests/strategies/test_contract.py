@@ -121,7 +121,7 @@ def test_the_same_updates_give_the_same_state(name):
 def test_every_trainer_has_the_client_trainer_methods(trainer):
     """The seam is declared once (``fellrec.strategies.ClientTrainer``); each trainer class has each of
     its methods, with the protocol's parameters in the protocol's order."""
-    for name in ("fit", "evaluate", "test", "state", "load_state"):
+    for name in ("fit", "evaluate", "test", "state", "load_state", "selected"):
         want = list(inspect.signature(getattr(ClientTrainer, name)).parameters)
         have = list(inspect.signature(getattr(trainer, name)).parameters)
         assert have[:len(want)] == want, (trainer.__name__, name, have)

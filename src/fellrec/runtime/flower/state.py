@@ -99,6 +99,3 @@ class ProcessCache:
             self._kept.pop(kind, None)  # let the old value go before the new one is built
             self._kept[kind] = (key, build())
         return self._kept[kind][1]
-
-    def clear(self) -> None:
-        self._kept.clear()
