@@ -210,6 +210,12 @@ class FellrecConfig:
     order: str = opt("snapshot", "aggregate every client from the same snapshot, or sequentially in place "
                      "as the released code (client i sees 0..i-1 already aggregated)",
                      choices=("snapshot", "sequential"))
+    similarity_of: str = opt("adapter", "what the cosine compares: the whole adapter (the paper), what each client "
+                             "learned this round (update: its adapter minus the one it was sent) or the LoRA B "
+                             "matrices alone (lora_b)", choices=("adapter", "update", "lora_b"))
+    losses: str = opt("raw", "what the heating's softmax takes: the mean training losses (the paper) or relative "
+                      "ones, loss / mean loss - 1, so that tau weighs relative differences",
+                      choices=("raw", "relative"))
 
 
 @dataclass

@@ -96,3 +96,72 @@ def test_client_that_did_not_train_keeps_its_adapter():
     s.aggregate(1, [ClientUpdate("0", {"a": torch.tensor([1.0, 0.0])}, 1, {"loss": 1.0}),
                     ClientUpdate("1", {"a": torch.tensor([0.0, 1.0])}, 1, {"loss": 1.0})])
     assert torch.equal(s.configure_fit(2, "2").tensors["a"], torch.zeros(2))
+
+
+# ---- issue 16 §2: what the attention compares, and relative losses -------------------------------
+
+def _one_round(**options):
+    """Three clients from the same start (A = [10, 10], B = 0) take small steps: the shared A (the
+    start) dominates the whole vectors, the learned B differs only in sign between clients 0 and 2."""
+    initial = {"x.lora_A.weight": torch.tensor([10.0, 10.0]), "x.lora_B.weight": torch.tensor([0.0, 0.0])}
+    s = make_strategy("fellrec", initial, ["0", "1", "2"], heating=False, **options)
+    sent = {c: s.configure_fit(1, c).tensors for c in "012"}  # all the initial adapter
+    steps = {"0": [1.0, 0.0], "1": [1.0, 0.1], "2": [-1.0, 0.0]}
+    ups = [ClientUpdate(c, {"x.lora_A.weight": sent[c]["x.lora_A.weight"] + torch.tensor(steps[c]),
+                            "x.lora_B.weight": torch.tensor(steps[c])}, 1, {"loss": 1.0}) for c in "012"]
+    return s.aggregate(1, ups), ups
+
+
+def _cos01(a, b):
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return float((a @ b / a.norm() / b.norm() + 1) / 2)
+
+
+def test_similarity_of_adapter_update_and_b():
+    log, ups = _one_round()  # the paper's: whole vectors [A, B], A's shared start dominates
+    whole = {c: [*u.tensors["x.lora_A.weight"].tolist(), *u.tensors["x.lora_B.weight"].tolist()]
+             for c, u in zip("012", ups, strict=True)}
+    assert log["similarity"][0][2] == pytest.approx(_cos01(whole["0"], whole["2"]))
+    assert log["similarity"][0][2] > 0.9
+    log, _ = _one_round(similarity_of="update")  # [A - A_sent, B - B_sent] = [step, step]
+    assert log["similarity"][0][2] == pytest.approx(_cos01([1, 0, 1, 0], [-1, 0, -1, 0]))  # = 0
+    assert log["similarity"][0][1] == pytest.approx(_cos01([1, 0, 1, 0], [1, 0.1, 1, 0.1]))
+    log, _ = _one_round(similarity_of="lora_b")
+    assert log["similarity"][0][2] == pytest.approx(0.0)
+    assert log["similarity"][0][1] == pytest.approx(_cos01([1, 0], [1, 0.1]))
+
+
+def test_update_similarity_is_measured_from_what_each_client_was_sent():
+    s = make_strategy("fellrec", {"a": torch.zeros(2)}, ["0", "1"], heating=False, similarity_of="update")
+    s.aggregate(1, [ClientUpdate("0", {"a": torch.tensor([4.0, 0.0])}, 1, {"loss": 1.0}),
+                    ClientUpdate("1", {"a": torch.tensor([0.0, 4.0])}, 1, {"loss": 1.0})])
+    start = {c: s.configure_fit(2, c).tensors["a"].clone() for c in "01"}  # personal mixes
+    assert not torch.equal(start["0"], start["1"])
+    log = s.aggregate(2, [ClientUpdate("0", {"a": start["0"] + torch.tensor([1.0, 1.0])}, 1, {"loss": 1.0}),
+                          ClientUpdate("1", {"a": start["1"] + torch.tensor([2.0, 2.0])}, 1, {"loss": 1.0})])
+    assert log["similarity"][0][1] == pytest.approx(1.0)  # both learned along (1, 1)
+
+
+def test_relative_losses_by_hand():
+    losses = [2.0, 2.2, 1.8]
+    p, w = heating_weights(losses, 0, alpha=0.7, beta=5.0, tau=0.05, scale="relative")
+    x = [v / 2.0 - 1 for v in losses]  # mean 2.0
+    e = [math.exp(v / 0.05) for v in x]
+    assert p == pytest.approx([v / sum(e) for v in e])
+    assert w == pytest.approx([math.tanh(0.7 / q ** 0.2) for q in p])
+    raw, _ = heating_weights([v * 10 for v in losses], 0, 0.7, 5.0, 0.05, scale="relative")
+    assert raw == pytest.approx(p)  # relative losses do not depend on the loss's scale
+    s = make_strategy("fellrec", {"a": torch.zeros(1)}, ["0", "1", "2"], losses="relative")
+    log = s.aggregate(1, [ClientUpdate(str(i), {"a": torch.tensor([float(i)])}, 1, {"loss": v})
+                          for i, v in enumerate(losses)])
+    assert log["p"] == pytest.approx(p)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"similarity_of": "delta"}, "similarity_of must be one of adapter, update, lora_b"),
+    ({"losses": "z"}, "losses must be one of raw, relative"),
+    ({"similarity_of": "lora_b"}, "the adapter has no LoRA B matrix"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        make_strategy("fellrec", {"a": torch.zeros(1)}, ["0"], **options)

@@ -16,6 +16,15 @@ before any update); ``heating=False`` sets every w_i = 1 (what the released BIGR
 β = 1); ``similarity="uniform"`` sets every s_ij = 1. With both off, every client's new adapter is
 the plain (unweighted) mean of all clients' adapters.
 
+Two options (off by default, so the paper's rule stays the default) give the attention something to
+go on. Every client starts from the same random LoRA A matrices, which then dominate the flattened
+vectors (cosines near 1 for every pair), and with τ = 0.05 the softmax over raw losses is nearly
+one-hot. ``similarity_of="update"`` computes the cosine on what each client learned this round
+(θ_i minus the adapter it was sent); ``similarity_of="lora_b"`` on the B matrices alone (zero at
+the start, so only what was learned). ``losses="relative"`` feeds the heating ℓ_i / mean_j ℓ_j − 1,
+so τ weighs relative differences (a client 5% above the mean gets e^(0.05/τ) times the weight of
+one at the mean) whatever the loss's scale.
+
 Clients that did not train in a round keep their adapter and take no part in its aggregation.
 """
 
@@ -27,6 +36,10 @@ from typing import Any
 import torch
 
 from fellrec.strategies.base import ClientUpdate, Payload, Strategy, Tensors
+from fellrec.strategies.lora_parts import is_b
+
+SIMILARITY_OF = ("adapter", "update", "lora_b")
+LOSSES = ("raw", "relative")
 
 
 def similarity_matrix(vectors: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
@@ -42,9 +55,15 @@ def similarity_matrix(vectors: torch.Tensor, kind: str = "cosine") -> torch.Tens
 
 
 def heating_weights(losses: list[float], t: int, alpha: float, beta: float,
-                    tau: float) -> tuple[list[float], list[float]]:
-    """(p, w): p = softmax(ℓ / τ) and w_i = tanh(α / p_i^(t + 1/β)) for 0-based round ``t``."""
-    p = torch.softmax(torch.tensor(losses, dtype=torch.float64) / tau, dim=0)
+                    tau: float, scale: str = "raw") -> tuple[list[float], list[float]]:
+    """(p, w): p = softmax(ℓ / τ) and w_i = tanh(α / p_i^(t + 1/β)) for 0-based round ``t``;
+    ``scale="relative"`` uses ℓ_i / mean(ℓ) − 1 in place of ℓ_i."""
+    if scale not in LOSSES:
+        raise ValueError(f"losses must be one of {', '.join(LOSSES)}, got {scale!r}")
+    x = torch.tensor(losses, dtype=torch.float64)
+    if scale == "relative":
+        x = x / x.mean() - 1
+    p = torch.softmax(x / tau, dim=0)
     w = torch.tanh(alpha / p ** (t + 1.0 / beta))
     return p.tolist(), w.tolist()
 
@@ -69,16 +88,23 @@ class FELLRec(Strategy):
 
     def __init__(self, initial: Tensors, clients: list[str], alpha: float = 0.7, beta: float = 5.0,
                  tau: float = 0.05, heating: bool = True, similarity: str = "cosine", order: str = "snapshot",
-                 **options: Any):
+                 similarity_of: str = "adapter", losses: str = "raw", **options: Any):
         super().__init__(initial, clients)
         if order not in ("snapshot", "sequential"):
             raise ValueError(f"order must be 'snapshot' or 'sequential', got {order!r}")
         if similarity not in ("cosine", "uniform"):
             raise ValueError(f"similarity must be 'cosine' or 'uniform', got {similarity!r}")
+        if similarity_of not in SIMILARITY_OF:
+            raise ValueError(f"similarity_of must be one of {', '.join(SIMILARITY_OF)}, got {similarity_of!r}")
+        if losses not in LOSSES:
+            raise ValueError(f"losses must be one of {', '.join(LOSSES)}, got {losses!r}")
+        if similarity_of == "lora_b" and not any(is_b(k) for k in initial):
+            raise ValueError("similarity_of='lora_b': the adapter has no LoRA B matrix")
         if tau <= 0 or beta <= 0:
             raise ValueError(f"tau and beta must be positive, got tau={tau}, beta={beta}")
         self.alpha, self.beta, self.tau = float(alpha), float(beta), float(tau)
         self.heating, self.similarity, self.order = heating, similarity, order
+        self.similarity_of, self.losses = similarity_of, losses
         self.names = list(initial)
         self.shapes = {k: v.shape for k, v in initial.items()}
         self.adapters = {c: {k: v.clone() for k, v in initial.items()} for c in clients}
@@ -94,16 +120,25 @@ class FELLRec(Strategy):
             return {}
         ids = [u.client for u in updates]
         vectors = torch.stack([self.flatten(u.tensors) for u in updates])
-        sim = similarity_matrix(vectors, self.similarity)
+        sim = similarity_matrix(self.compared(updates, vectors), self.similarity)
         losses = [float(u.metrics["loss"]) for u in updates]
         if self.heating and not any(math.isnan(x) for x in losses):
-            p, w = heating_weights(losses, rnd - 1, self.alpha, self.beta, self.tau)
+            p, w = heating_weights(losses, rnd - 1, self.alpha, self.beta, self.tau, self.losses)
         else:
             p, w = [1.0 / len(updates)] * len(updates), [1.0] * len(updates)
         mixed = aggregate_personal(vectors, sim, w, sequential=self.order == "sequential")
         for client, row in zip(ids, mixed, strict=True):
             self.adapters[client] = self.unflatten(row)
         return {"clients": ids, "similarity": sim.tolist(), "loss": losses, "p": p, "w": w}
+
+    def compared(self, updates: list[ClientUpdate], vectors: torch.Tensor) -> torch.Tensor:
+        """The vectors the similarity is computed on (``similarity_of``), one row per update."""
+        if self.similarity_of == "update":  # what each client learned from the adapter it was sent
+            return vectors - torch.stack([self.flatten(self.adapters[u.client]) for u in updates])
+        if self.similarity_of == "lora_b":
+            names = [k for k in self.names if is_b(k)]
+            return torch.stack([torch.cat([u.tensors[k].reshape(-1) for k in names]) for u in updates])
+        return vectors
 
     def flatten(self, tensors: Tensors) -> torch.Tensor:
         return torch.cat([tensors[k].reshape(-1) for k in self.names])
