@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fellrec.adapters import add_lora
+from fellrec.adapters import add_lora, add_residuals
 from fellrec.backbones.bigrec import BIGRec
 from fellrec.backbones.item_tokens import ItemTokenRec
 from fellrec.backbones.prompts import Prompt
 from fellrec.backbones.ranker import TextRanker
-from fellrec.config import Config, dump, to_dict
+from fellrec.config import RESIDUAL_ALGORITHMS, Config, dump, to_dict
 from fellrec.errors import ConfigError
 from fellrec.evaluate import test_summary
 from fellrec.files import save_tensors
@@ -98,7 +98,22 @@ def catalogue(p: Prepared) -> tuple[list[str], str]:
 
 def build_backbone(cfg: Config, titles: list[str], dataset: str) -> BIGRec | TextRanker | ItemTokenRec:
     """Base LM + fresh LoRA adapter + the configured backbone around them, for the catalogue ``titles``
-    of ``dataset`` (its name picks the prompt's wording)."""
+    of ``dataset`` (its name picks the prompt's wording); with residuals on the LoRA layers for the
+    algorithms that fold one into the frozen weights (FLoRA, FedEx-LoRA)."""
+    backbone = _backbone(cfg, titles, dataset)
+    if cfg.train.algorithm in RESIDUAL_ALGORITHMS:
+        add_residuals(backbone.model)
+    return backbone
+
+
+def strategy_options(cfg: Config) -> dict:
+    """What ``make_strategy`` takes from the config (each strategy picks its own)."""
+    lora = cfg.model.lora
+    return {"prox_mu": cfg.train.prox_mu, "lora_scale": lora.alpha / lora.r, "seed": cfg.seed,
+            **to_dict(cfg)["fellrec"]}
+
+
+def _backbone(cfg: Config, titles: list[str], dataset: str) -> BIGRec | TextRanker | ItemTokenRec:
     model_cfg = cfg.model
     prompt = Prompt.for_dataset(dataset, model_cfg.prompt_item, model_cfg.prompt_items, model_cfg.prompt_verb)
     tok, base = load_base(model_cfg.name_or_path, texts=[*titles, prompt.instruction(titles[:10])], seed=cfg.seed)
@@ -261,9 +276,7 @@ class RankingServer:
 
     def strategy(self, initial, info: dict[str, dict]):
         """The strategy over the clients of ``info`` (keyed by client name, in order)."""
-        training = self.cfg.train
-        return make_strategy(training.algorithm, initial, list(info), prox_mu=training.prox_mu,
-                             **to_dict(self.cfg)["fellrec"])
+        return make_strategy(self.cfg.train.algorithm, initial, list(info), **strategy_options(self.cfg))
 
     def rounds(self) -> int:
         return self.cfg.train.rounds

@@ -154,7 +154,9 @@ class ModelConfig:
     sasrec_epochs: int = opt(30, "sasrec: training epochs (best validation epoch kept)")
 
 
-ALGORITHMS = ("centralized", "local", "fedavg", "fedprox", "fellrec", "ffa-lora", "fedsa-lora")
+ALGORITHMS = ("centralized", "local", "fedavg", "fedprox", "fellrec", "ffa-lora", "fedsa-lora", "flora",
+              "fedex-lora")
+RESIDUAL_ALGORITHMS = ("flora", "fedex-lora")  # they fold a residual into the frozen weights
 FEDPA_ALGORITHMS = ("fedpa", "fedavg-adapter", "fedavg-full", "local", "local-fedpa", "frozen")
 CTR_SELECT_BY = ("auc", "gauc", "logloss")
 # FedPA (model.backbone: ctr) trains a small CTR model: where a run of it does not set these keys,
@@ -173,7 +175,10 @@ class TrainConfig:
                          "clients' adapters; fedprox: fedavg plus a proximal term; fellrec: FELLRec's "
                          "dynamic balance (a personal adapter per client); ffa-lora: LoRA's A frozen at "
                          "its shared initialisation, the rest averaged (FFA-LoRA); fedsa-lora: A averaged, B "
-                         "kept by each client (FedSA-LoRA). model.backbone=ctr (default "
+                         "kept by each client (FedSA-LoRA); flora: fresh LoRA each round, the clients' "
+                         "products stacked and folded into the frozen weights (FLoRA); fedex-lora: A and B "
+                         "averaged, the averaging error folded into the frozen weights (FedEx-LoRA). "
+                         "model.backbone=ctr (default "
                          "fedpa): fedpa: user + group adapters mixed by a gate; fedavg-adapter: one shared "
                          "adapter; fedavg-full: FedAvg of the whole model; local: whole model per user; "
                          "local-fedpa: FedPA's model without a server; frozen: the foundation model as is",
@@ -332,7 +337,7 @@ class Config:
         if self.train.algorithm not in known:
             bad("train.algorithm", f"{self.train.algorithm!r} is not one of {', '.join(known)}{why}",
                 "train.algorithm", "model.backbone")
-        if self.train.algorithm in ("ffa-lora", "fedsa-lora") and self.storage.k is not None:
+        if self.train.algorithm in ("ffa-lora", "fedsa-lora", *RESIDUAL_ALGORITHMS) and self.storage.k is not None:
             bad("train.algorithm", f"{self.train.algorithm} does not run in split mode (storage.k) yet: the server "
                 "trains the trunk's A and B as one", "train.algorithm", "storage.k")
         if ctr and self.eval.select_by not in CTR_SELECT_BY:

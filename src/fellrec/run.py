@@ -40,6 +40,7 @@ from fellrec.build import (
     private_names,
     protocol_warnings,
     selection_metric,
+    strategy_options,
     trainer_options,
     warm_tables,
     warn,
@@ -180,8 +181,7 @@ def federated_run(cfg: Config, p: Prepared, test: Samples, out: Path, progress: 
     else:
         trainers = clients
     shared = {k: v for k, v in initial.items() if k not in kept}
-    strategy = make_strategy(training.algorithm, shared, list(trainers), prox_mu=training.prox_mu,
-                             **to_dict(cfg)["fellrec"])
+    strategy = make_strategy(training.algorithm, shared, list(trainers), **strategy_options(cfg))
     runtime = embedded(strategy, trainers, clients, rounds=training.rounds,
                               client_fraction=1.0 if training.algorithm == "centralized" else training.client_fraction,
                               eval_every=evaluation.every, seed=cfg.seed, run_dir=out, progress=progress,

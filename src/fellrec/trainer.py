@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fellrec.adapters import adapter_parameters, get_adapter, set_adapter
+from fellrec.adapters import adapter_parameters, get_adapter, is_residual, set_adapter
 from fellrec.config import TrainConfig
 from fellrec.evaluate import evaluate
 from fellrec.holdout import Samples
@@ -97,7 +97,8 @@ class AdapterTrainer:
         shared = {}
         if payload.config.get("share", True):
             sent = payload.tensors if payload.config.get("upload") == "sent" else self.private
-            shared = {k: self.private[k] for k in sent if k not in self.kept}
+            # a residual (FLoRA, FedEx-LoRA) is only ever changed by the server: it is not sent back
+            shared = {k: self.private[k] for k in sent if k not in self.kept and not is_residual(k)}
         metrics = {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": len(losses)}
         if is_split(model):  # activations and gradients exchanged with the trunk in this local training
             metrics["split_bytes_up"] = model.transport.bytes_up - split_before[0]

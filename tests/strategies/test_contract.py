@@ -19,6 +19,11 @@ def _initial(seed: int = 0):
             "layer.lora_B.weight": torch.randn(4, 2, generator=g)}
 
 
+def _residual_initial():
+    """With a residual on the layer's frozen weight (FLoRA, FedEx-LoRA), non-zero as after a round."""
+    return {**_initial(), "layer.delta_w": torch.randn(4, 4, generator=torch.Generator().manual_seed(3))}
+
+
 def _fedpa_initial():
     g = torch.Generator().manual_seed(1)
     return {"gate.w": torch.randn(3, generator=g), "out.w": torch.randn(2, 2, generator=g),
@@ -34,6 +39,8 @@ SETTINGS = {
     "fellrec": (_initial, ["0", "1", "2"], {"alpha": 0.7, "beta": 5.0, "tau": 0.05}),
     "ffa-lora": (_initial, ["0", "1", "2"], {}),
     "fedsa-lora": (_initial, ["0", "1", "2"], {}),
+    "flora": (_residual_initial, ["0", "1", "2"], {"lora_scale": 2.0, "seed": 5}),
+    "fedex-lora": (_residual_initial, ["0", "1", "2"], {"lora_scale": 2.0}),
     "fedpa": (_fedpa_initial, ["u1", "u2", "u3"],
               {"client_groups": {"u1": {"age": 0}, "u2": {"age": 1}, "u3": {"age": 1}}}),
 }
@@ -98,6 +105,12 @@ def test_identical_updates_aggregate_to_themselves(name):
         got = s.configure_evaluate(c).tensors
         shared = s.configure_fit(1, c).config.get("share", True)
         assert set(got) == (set(s.configure_fit(2, c).tensors) if shared else set())
+        if "layer.delta_w" in got:  # FLoRA, FedEx-LoRA: the same effective weight W0 + ΔW + s·B·A
+            def effective(t):
+                return t["layer.delta_w"] + 2.0 * t["layer.lora_B.weight"] @ t["layer.lora_A.weight"]
+            torch.testing.assert_close(effective(got), effective({**values, "layer.delta_w": _residual_initial()[
+                "layer.delta_w"]}), rtol=1e-5, atol=1e-5)
+            continue
         for k, v in got.items():  # every client now holds what they all sent
             torch.testing.assert_close(v, values[k], rtol=1e-6, atol=1e-6)
 

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 LORA_A, LORA_B = ".lora_A.", ".lora_B."
 
 
@@ -20,3 +23,47 @@ def only_sent(strategy: str, updates: list, sent: dict) -> list:
     if extra:
         raise ValueError(f"{strategy}: a client sent tensors it was not sent (they stay on the client): {extra[:3]}")
     return updates
+
+
+def layers(names) -> dict[str, tuple[str, str, str]]:
+    """Each LoRA layer that has a residual (``fellrec.adapters.add_residuals``): its name -> the names
+    of its A, B and residual ΔW tensors."""
+    from fellrec.adapters import DELTA_W
+
+    out = {}
+    for name in names:
+        if name.endswith(DELTA_W):
+            layer = name.removesuffix(DELTA_W)
+            a, b = f"{layer}{LORA_A}weight", f"{layer}{LORA_B}weight"
+            if a not in names or b not in names:
+                raise ValueError(f"residual {name} has no LoRA A and B beside it")
+            out[layer] = (a, b, name)
+    return out
+
+
+def sample_shares(updates: list) -> list[float]:
+    """n_k / Σ n over the updates (n: training samples), FedAvg's weights."""
+    total = float(sum(u.num_examples for u in updates))
+    if total <= 0:
+        raise ValueError("the clients' updates hold no training samples")
+    return [u.num_examples / total for u in updates]
+
+
+def stack(As: list[Tensor], Bs: list[Tensor], weights: list[float]) -> tuple[Tensor, Tensor]:
+    """FLoRA's stacking: A's rows [w_1 A_1; w_2 A_2; ...] and B's columns [B_1, B_2, ...], so that
+    B_stack @ A_stack = Σ_k w_k B_k A_k. The clients' ranks may differ."""
+    if not (len(As) == len(Bs) == len(weights)) or not As:
+        raise ValueError("stack needs one A, one B and one weight per client")
+    for a, b in zip(As, Bs, strict=True):
+        if a.shape[0] != b.shape[1]:
+            raise ValueError(f"a client's A has rank {a.shape[0]}, its B {b.shape[1]}")
+    a = torch.cat([w * x.to(torch.float64) for w, x in zip(weights, As, strict=True)], dim=0)
+    b = torch.cat([x.to(torch.float64) for x in Bs], dim=1)
+    return a, b
+
+
+def mean_of_rest(updates: list, weights: list[float], skip) -> dict[str, Tensor]:
+    """The weighted mean of every tensor the updates hold whose name ``skip`` does not pick."""
+    names = [k for k in updates[0].tensors if not skip(k)]
+    return {k: sum(w * u.tensors[k].to(torch.float64) for w, u in zip(weights, updates, strict=True))
+            .to(updates[0].tensors[k].dtype) for k in names}

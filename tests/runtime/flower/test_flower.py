@@ -229,11 +229,12 @@ def embedded_runs(root: Path, algorithms=("fedavg", "fellrec")) -> dict[str, Pat
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
-    return embedded_runs(tmp_path_factory.mktemp("embedded"), ("fedavg", "fellrec", "ffa-lora", "fedsa-lora"))
+    return embedded_runs(tmp_path_factory.mktemp("embedded"),
+                         ("fedavg", "fellrec", "ffa-lora", "fedsa-lora", "flora", "fedex-lora"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["fedavg", "fellrec", "ffa-lora", "fedsa-lora"])
+@pytest.mark.parametrize("algorithm", ["fedavg", "fellrec", "ffa-lora", "fedsa-lora", "flora", "fedex-lora"])
 def test_server_and_client_apps_reproduce_the_embedded_run(tmp_path, embedded, algorithm):
     cfg = load_config(None, [*THREE, f"train.algorithm={algorithm}", f"name={algorithm}"])
     grid = serve(cfg, tmp_path / "run", tmp_path)
