@@ -56,6 +56,12 @@ class DataConfig:
     meta: str | None = opt(None, "item-metadata file, where it cannot be found beside path")
     domains: list[DomainConfig] = opt([], "several datasets loaded together, one domain each "
                                       "(cross-domain federation); replaces format/path/meta")
+    domain_by: str | None = opt(None, "cut the dataset into domains by this item attribute (e.g. genres): each "
+                                "item in the domain of its first value, each user's interactions split by "
+                                "domain (a user in two domains is two users); with partition.method=domain, "
+                                "one client per domain")
+    domain_values: list[str] = opt([], "the domains data.domain_by keeps (e.g. [Action, Comedy, Drama]); "
+                                   "empty keeps all")
     min_rating: float | None = opt(None, "keep only interactions rated at least this (e.g. 4 for "
                                    "positive feedback, 1 for KuaiRand clicks); null keeps all")
     kcore: int = opt(5, "iterative k-core: drop users and items with fewer than k interactions until "
@@ -326,8 +332,8 @@ class Config:
         if self.partition.method == "attribute" and not self.partition.attribute:
             bad("partition.attribute", "method=attribute needs the name of a user attribute",
                 "partition.attribute", "partition.method")
-        if self.partition.method == "domain" and not self.data.domains:
-            bad("partition.method", "domain needs several datasets in data.domains")
+        if self.partition.method == "domain" and not self.data.domains and self.data.domain_by is None:
+            bad("partition.method", "domain needs several datasets in data.domains, or data.domain_by")
         ctr = self.model.backbone == "ctr"
         known = FEDPA_ALGORITHMS if ctr else ALGORITHMS
         why = " (model.backbone=ctr runs FedPA and its baselines)" if ctr else " (FedPA's need model.backbone=ctr)"

@@ -211,3 +211,18 @@ def _sequences(frame: pd.DataFrame) -> dict[int, np.ndarray]:
     bounds = np.flatnonzero(np.diff(users)) + 1
     return {int(g[0]): it for g, it in zip(np.split(users, bounds), np.split(items, bounds), strict=True)
             if len(g)}
+
+
+def within_domains(sets: SampleSets, user_domain: np.ndarray, item_domain: np.ndarray) -> SampleSets:
+    """Valid and test samples that rank only the items of their user's domain: every other domain's
+    items join ``exclude`` (a cross-domain federation, where each domain's client recommends from its
+    own catalogue, as with datasets kept apart)."""
+    user_domain, item_domain = np.asarray(user_domain), np.asarray(item_domain)
+    others = {d: np.flatnonzero(item_domain != d) for d in np.unique(user_domain)}
+
+    def restrict(s: Samples) -> Samples:
+        exclude = [np.union1d(e if e is not None else np.zeros(0, np.int64), others[user_domain[u]])
+                   for u, e in zip(s.user, s.exclude or [None] * len(s), strict=True)]
+        return Samples(s.user, s.history, s.targets, exclude)
+
+    return SampleSets(sets.train, restrict(sets.valid), restrict(sets.test))

@@ -22,10 +22,10 @@ import pandas as pd
 from fellrec.config import Config, DataConfig
 from fellrec.data.io import BadLines
 from fellrec.data.registry import load_dataset
-from fellrec.data.tables import Dataset, concat_domains
+from fellrec.data.tables import Dataset, concat_domains, domains_by
 from fellrec.errors import ConfigError, DataError
 from fellrec.fedpa.features import FeatureTable, UserSplit, build_features, select_public, split_users
-from fellrec.holdout import SampleSets, Split, build_samples, filter_min_rating, kcore, split
+from fellrec.holdout import SampleSets, Split, build_samples, filter_min_rating, kcore, split, within_domains
 from fellrec.partition import Partition, make_partition
 
 
@@ -59,6 +59,11 @@ def load_data(cfg: DataConfig, echo: bool = True) -> Dataset:
         for d in cfg.domains:
             parts[d.name] = load_dataset(d.format, d.path, meta=d.meta, bad=BadLines(skip=cfg.skip_bad_lines))
         ds = concat_domains(parts)
+    if cfg.domain_by is not None:
+        try:
+            ds = domains_by(ds, cfg.domain_by, cfg.domain_values or None)
+        except ValueError as err:
+            raise ConfigError(f"data.domain_by: {err}") from None
     if len(ds.interactions) == 0:
         raise nothing_usable(cfg, ds, "no interaction could be read")
     if echo:
@@ -107,6 +112,8 @@ def prepare(cfg: Config, progress: bool = False, echo: bool = True) -> Prepared:
         raise nothing_usable(d, ds, f"the {cfg.split.method} split of the {len(ds.interactions):,} interactions "
                              "left after filtering gives no user a training interaction")
     samples = build_samples(sp, cfg.split.history_len, cfg.split.train_stride)
+    if "domain" in ds.items:  # each domain's users rank that domain's items
+        samples = within_domains(samples, ds.users["domain"].to_numpy(), ds.items["domain"].to_numpy())
     partition_cfg = cfg.partition
     options = {
         "kmeans": {"progress": progress, "mf_options": {

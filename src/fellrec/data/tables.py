@@ -221,3 +221,45 @@ def concat_domains(datasets: dict[str, Dataset]) -> Dataset:
     name = "+".join(datasets)
     return Dataset._densify(name, pd.concat(inters, ignore_index=True), pd.concat(items, ignore_index=True),
                             pd.concat(users, ignore_index=True), notes, skipped)
+
+
+def domains_by(ds: Dataset, attribute: str, values: list[str] | None = None) -> Dataset:
+    """One dataset cut into domains by an item attribute: each item goes to the domain of the first
+    value of its ``attribute`` (a tuple such as ``genres``, or a plain value); a user's interactions
+    are split by domain, so a user seen in two domains is two users, as when datasets are loaded
+    together (``concat_domains``). ``values`` keeps those domains only (items of the others are
+    left out); None keeps every one. Raises ValueError for an unknown attribute or value."""
+    if "domain" in ds.items:
+        raise ValueError("the data already has domains (data.domains); cut one dataset only")
+    if attribute not in ds.items:
+        raise ValueError(f"items have no attribute {attribute!r} to cut domains by; they have "
+                        f"{', '.join(c for c in ds.items.columns if c not in ('item', 'item_id', 'title'))}")
+
+    def first(v):
+        if isinstance(v, (tuple, list, np.ndarray)):
+            return str(v[0]) if len(v) else None
+        return None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+
+    domain = np.array([first(v) for v in ds.items[attribute]], dtype=object)
+    found = sorted({d for d in domain if d is not None})
+    if values:
+        unknown = [v for v in values if v not in found]
+        if unknown:
+            raise ValueError(f"no item's first {attribute} is {', '.join(map(repr, unknown))}; "
+                            f"there are {', '.join(found)}")
+    keep = set(values or found)
+    item_domain = domain[ds.interactions["item"].to_numpy()]
+    rows = np.array([d in keep for d in item_domain], dtype=bool)
+    inter = ds.interactions.loc[rows]
+    user_ids = ds.users["user_id"].astype(str).to_numpy()
+    item_ids = ds.items["item_id"].astype(str).to_numpy()
+    inter = inter.assign(domain=item_domain[rows], user_id=user_ids[inter["user"].to_numpy()],
+                         item_id=item_ids[inter["item"].to_numpy()]).drop(columns=["user", "item"])
+    items = ds.items.drop(columns="item").assign(item_id=item_ids, domain=domain)
+    items = items[items["domain"].isin(keep)]
+    users = pd.concat([ds.users.drop(columns="user").assign(user_id=user_ids, domain=d) for d in sorted(keep)],
+                      ignore_index=True)
+    dropped = int((~rows).sum())
+    note = (f"domains by first {attribute}: {', '.join(sorted(keep))}"
+            + (f"; {dropped:,} interactions with items of other domains left out" if dropped else ""))
+    return Dataset._densify(ds.name, inter, items, users, [*ds.notes, note], ds.skipped)
