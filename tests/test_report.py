@@ -258,8 +258,36 @@ def test_compare_summarises_runs_that_differ_only_in_seed(tmp_path):
     text, _ = compare(runs)
     rows = table_rows(text.split("## Over seeds")[1].split("##")[0])
     header, row = rows[0], rows[2]
-    assert len(rows) == 3 and row[:3] == ["s0 s1 s2", "fedavg", "1, 2, 3"]
+    assert len(rows) == 3 and row[:3] == ["s0 (+2)", "fedavg", "1, 2, 3"]
     assert row[header.index("R@10")] == "0.1200 ± 0.0200"
+
+
+def test_compare_pairs_seed_groups_seed_by_seed(tmp_path):
+    import numpy as np
+
+    from fellrec.stats import paired_difference
+
+    rng = np.random.default_rng(3)
+    values = {}
+    for spec, p in ((RUN_A, 0.3), (RUN_B, 0.2)):
+        for seed in (7, 8, 9):
+            name = f"{spec['name']}-s{seed}"
+            out = make_run(tmp_path, {**spec, "name": name})
+            config = yaml.safe_load((out / "config.yaml").read_text())
+            (out / "config.yaml").write_text(yaml.safe_dump({**config, "name": name, "seed": seed}))
+            values[spec["algorithm"], seed] = {u: float(rng.random() < p) for u in range(200)}
+            write_users(out, values[spec["algorithm"], seed])
+    text, _ = compare(sorted(tmp_path.iterdir()))
+    assert "## Paired differences on the same test users" not in text  # every pair is within the seed groups
+    rows = table_rows(text.split("## Paired differences over seeds")[1].split("##")[0])
+    assert rows[0][:8] == ["A", "B", "seeds", "users", "R@10 A − B", "95% CI", "", "seeds"]
+    a_mean = {u: np.mean([values["fedavg", s][u] for s in (7, 8, 9)]) for u in range(200)}
+    b_mean = {u: np.mean([values["fedprox", s][u] for s in (7, 8, 9)]) for u in range(200)}
+    want = paired_difference(a_mean, b_mean)  # the mean of differences is the difference of means
+    each = [np.mean([values["fedavg", s][u] - values["fedprox", s][u] for u in range(200)]) for s in (7, 8, 9)]
+    assert rows[2][:8] == ["alpha-fedavg-s*", "beta-fedprox-s*", "3", "200", f"{want.mean:+.4f}",
+                           f"[{want.low:.4f}, {want.high:.4f}]", "*" if want.significant else "",
+                           f"{min(each):+.4f} to {max(each):+.4f}"]
 
 
 def test_report_shows_intervals_and_warnings(tmp_path):

@@ -67,3 +67,15 @@ def test_across_seeds():
     assert across_seeds([0.1, 0.2, 0.3]) == (pytest.approx(0.2), pytest.approx(0.1))
     mean, std = across_seeds([0.4])
     assert mean == 0.4 and np.isnan(std)
+
+
+def test_paired_over_seeds_by_hand():
+    from fellrec.stats import paired_over_seeds
+
+    a = [{1: 1.0, 2: 0.0, 3: 1.0}, {1: 0.0, 2: 1.0, 3: 1.0}]
+    b = [{1: 0.0, 2: 0.0, 3: 0.0, 4: 1.0}, {1: 0.0, 2: 0.0, 3: 1.0}]  # user 4: not in every run
+    d, each = paired_over_seeds(a, b)
+    assert d.n == 3 and d.mean == pytest.approx((0.5 + 0.5 + 0.5) / 3)  # users: (1+0)/2, (0+1)/2, (1+0)/2
+    assert each == pytest.approx([2 / 3, 1 / 3])
+    with pytest.raises(ValueError, match="as many runs of A as of B, got 2 and 1"):
+        paired_over_seeds(a, b[:1])

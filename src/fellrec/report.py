@@ -615,6 +615,11 @@ def comparison_tables(runs: Sequence[Run], metric: str) -> list[tuple[str, tuple
     seeds = seed_rows(runs)
     if seeds[1]:
         out.append(("Over seeds (runs that differ only in their seed: mean ± std)", (*seeds, 1)))
+    by_seed = seed_paired_rows(runs, [metric, *(["ndcg@10"] if metric != "ndcg@10" else [])])
+    if by_seed[1]:
+        out.append(("Paired differences over seeds (A − B of the users' seed-averaged values, 95% bootstrap "
+                    "CI over users; * = the interval excludes 0; then each seed's difference, min to max)",
+                    (*by_seed, 3)))
     out.append((f"{metric} per client (test)", client_rows(runs, metric)))
     return out
 
@@ -664,9 +669,11 @@ def _test_set(run: Run) -> tuple:
 
 def paired_rows(runs: Sequence[Run], metrics: Sequence[str]) -> tuple[list[str], list[list[str]]]:
     """Every two runs with per-user test results (test_users.csv) on the same test set: A − B of each
-    metric over the users both tested, with its bootstrap interval."""
+    metric over the users both tested, with its bootstrap interval. Two runs that both belong to seed
+    groups are left to ``seed_paired_rows``."""
     from fellrec.stats import paired_difference
 
+    grouped = {id(r) for g in seed_groups(runs) for r in g}
     per_user = {id(r): read_test_users(r.path) for r in runs}
     header = ["A", "B", "users"]
     for m in metrics:
@@ -675,6 +682,8 @@ def paired_rows(runs: Sequence[Run], metrics: Sequence[str]) -> tuple[list[str],
     for i, a in enumerate(runs):
         for b in runs[i + 1:]:
             ua, ub = per_user[id(a)], per_user[id(b)]
+            if id(a) in grouped and id(b) in grouped:
+                continue
             if ua is None or ub is None or _test_set(a) != _test_set(b):
                 continue
             cells, n = [], 0
@@ -689,26 +698,69 @@ def paired_rows(runs: Sequence[Run], metrics: Sequence[str]) -> tuple[list[str],
     return header, rows
 
 
+def seed_groups(runs: Sequence[Run]) -> list[list[Run]]:
+    """The groups of two or more runs whose configs differ only in ``name`` and ``seed``."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        cfg = {k: v for k, v in r.config.items() if k not in ("name", "seed")}
+        groups.setdefault(json.dumps(cfg, sort_keys=True, default=str), []).append(r)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def seed_paired_rows(runs: Sequence[Run], metrics: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """Every two seed groups on the same test set, over the seeds both ran (paired seed by seed)."""
+    from fellrec.stats import paired_over_seeds
+
+    groups = seed_groups(runs)
+    per_user = {id(r): read_test_users(r.path) for g in groups for r in g}
+    header = ["A", "B", "seeds", "users"]
+    for m in metrics:
+        header += [f"{short(m)} A − B", "95% CI", "", "seeds"]
+    rows = []
+    for i, ga in enumerate(groups):
+        for gb in groups[i + 1:]:
+            if _test_set(ga[0]) != _test_set(gb[0]):
+                continue
+            a = {r.config.get("seed"): per_user[id(r)] for r in ga if per_user[id(r)] is not None}
+            b = {r.config.get("seed"): per_user[id(r)] for r in gb if per_user[id(r)] is not None}
+            seeds = sorted(set(a) & set(b), key=str)
+            if len(seeds) < 2:
+                continue
+            cells, n = [], 0
+            for m in metrics:
+                if any(m not in a[s] or m not in b[s] for s in seeds):
+                    cells += [MISSING, MISSING, "", MISSING]
+                    continue
+                d, each = paired_over_seeds([a[s][m] for s in seeds], [b[s][m] for s in seeds])
+                n = max(n, d.n)
+                cells += [f"{d.mean:+.4f}", fmt_interval((d.low, d.high)), "*" if d.significant else "",
+                          f"{min(each):+.4f} to {max(each):+.4f}"]
+            rows.append([_group_name(ga), _group_name(gb), str(len(seeds)), str(n), *cells])
+    return header, rows
+
+
+def _group_name(group: Sequence[Run]) -> str:
+    """A seed group's name: its runs' names with the seed's own digits replaced by *."""
+    names = [r.name.replace(str(r.config.get("seed")), "*") for r in group]
+    return names[0] if len(set(names)) == 1 else f"{group[0].name} (+{len(group) - 1})"
+
+
 def seed_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
     """One row per group of runs whose configs differ only in ``name`` and ``seed``: mean ± std of each
     overall metric over the group's seeds."""
     from fellrec.stats import across_seeds
 
-    groups: dict[str, list[Run]] = {}
-    for r in runs:
-        cfg = {k: v for k, v in r.config.items() if k not in ("name", "seed")}
-        groups.setdefault(json.dumps(cfg, sort_keys=True, default=str), []).append(r)
-    groups = {k: g for k, g in groups.items() if len(g) > 1}
-    metrics = rank_metrics({m for g in groups.values() for r in g for m in r.results.get("overall") or {}})
+    groups = seed_groups(runs)
+    metrics = rank_metrics({m for g in groups for r in g for m in r.results.get("overall") or {}})
     header = ["runs", "algorithm", "seeds", *map(short, metrics)]
     rows = []
-    for g in groups.values():
+    for g in groups:
         cells = []
         for m in metrics:
             mean, std = across_seeds([(r.results.get("overall") or {}).get(m) for r in g])
             cells.append(f"{mean:.4f} ± {std:.4f}")
         seeds = ", ".join(str(r.config.get("seed")) for r in g)
-        rows.append([" ".join(r.name for r in g), str(g[0].results.get("algorithm") or MISSING), seeds, *cells])
+        rows.append([_group_name(g), str(g[0].results.get("algorithm") or MISSING), seeds, *cells])
     return header, rows
 
 

@@ -66,6 +66,22 @@ def paired_difference(a: dict, b: dict, **kw) -> Difference:
     return Difference(float(d.mean()), low, high, int(d.size))
 
 
+def paired_over_seeds(a: Sequence[dict], b: Sequence[dict], **kw) -> tuple[Difference, list[float]]:
+    """Two algorithms run with the same seeds: ``a[s]`` and ``b[s]`` map a user to the value of seed
+    s's run. Returns the difference of the users' seed-averaged values, mean_s(a_s(u) − b_s(u)), with
+    its bootstrap interval over the users that every run tested, and each seed's mean difference."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_over_seeds needs as many runs of A as of B, got {len(a)} and {len(b)}")
+    runs = [*a, *b]
+    users = [u for u in runs[0] if all(u in r and np.isfinite(r[u]) for r in runs)]
+    if not users:
+        return Difference(float("nan"), float("nan"), float("nan"), 0), []
+    per_seed = np.array([[x[u] - y[u] for u in users] for x, y in zip(a, b, strict=True)], dtype=np.float64)
+    d = per_seed.mean(axis=0)
+    low, high = interval(d, **kw)
+    return Difference(float(d.mean()), low, high, len(users)), per_seed.mean(axis=1).tolist()
+
+
 def across_seeds(values: Sequence[float]) -> tuple[float, float]:
     """(mean, sample std) of one number over several seeds; std is nan for a single seed."""
     x = np.asarray([v for v in values if v is not None], dtype=np.float64)
