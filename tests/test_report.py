@@ -260,6 +260,8 @@ def test_compare_summarises_runs_that_differ_only_in_seed(tmp_path):
     header, row = rows[0], rows[2]
     assert len(rows) == 3 and row[:3] == ["s0 (+2)", "fedavg", "1, 2, 3"]
     assert row[header.index("R@10")] == "0.1200 ± 0.0200"
+    assert header[-4:] == ["std R@10", "min R@10", "max/min R@10", "gini R@10"]  # the spread across clients
+    assert row[-4] == f"{RUN_A['std']:.4f} ± 0.0000" and row[-1] == "-"  # these runs have no Gini
 
 
 def test_compare_pairs_seed_groups_seed_by_seed(tmp_path):

@@ -612,7 +612,7 @@ def comparison_tables(runs: Sequence[Run], metric: str) -> list[tuple[str, tuple
     if paired[1]:
         out.append(("Paired differences on the same test users (A − B, 95% bootstrap CI; * = the interval "
                     "excludes 0)", (*paired, 2)))
-    seeds = seed_rows(runs)
+    seeds = seed_rows(runs, metric)
     if seeds[1]:
         out.append(("Over seeds (runs that differ only in their seed: mean ± std)", (*seeds, 1)))
     by_seed = seed_paired_rows(runs, [metric, *(["ndcg@10"] if metric != "ndcg@10" else [])])
@@ -745,20 +745,24 @@ def _group_name(group: Sequence[Run]) -> str:
     return names[0] if len(set(names)) == 1 else f"{group[0].name} (+{len(group) - 1})"
 
 
-def seed_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
+def seed_rows(runs: Sequence[Run], metric: str = "recall@10") -> tuple[list[str], list[list[str]]]:
     """One row per group of runs whose configs differ only in ``name`` and ``seed``: mean ± std of each
-    overall metric over the group's seeds."""
+    overall metric over the group's seeds, and of the spread of ``metric`` across clients."""
     from fellrec.stats import across_seeds
 
     groups = seed_groups(runs)
     metrics = rank_metrics({m for g in groups for r in g for m in r.results.get("overall") or {}})
-    header = ["runs", "algorithm", "seeds", *map(short, metrics)]
+    spread = ("std", "min", "max_min_ratio", "gini")
+    header = ["runs", "algorithm", "seeds", *map(short, metrics),
+              *(f"{s.replace('max_min_ratio', 'max/min')} {short(metric)}" for s in spread)]
     rows = []
     for g in groups:
         cells = []
-        for m in metrics:
-            mean, std = across_seeds([(r.results.get("overall") or {}).get(m) for r in g])
-            cells.append(f"{mean:.4f} ± {std:.4f}")
+        values = [[(r.results.get("overall") or {}).get(m) for r in g] for m in metrics]
+        values += [[((r.results.get("imbalance") or {}).get(metric) or {}).get(s) for r in g] for s in spread]
+        for v in values:
+            mean, std = across_seeds(v)
+            cells.append(f"{mean:.4f} ± {std:.4f}" if np.isfinite(mean) else MISSING)
         seeds = ", ".join(str(r.config.get("seed")) for r in g)
         rows.append([_group_name(g), str(g[0].results.get("algorithm") or MISSING), seeds, *cells])
     return header, rows
