@@ -18,13 +18,13 @@ demo: $(STAMP)
 	$(BIN)/fellrec compare runs/demo-fedavg runs/demo-local runs/demo-popular
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
 	$(BIN)/pytest
 
 setup: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_metrics.py
