@@ -141,11 +141,15 @@ def cmd_flower_up(args) -> None:
     if args.clients < 1:
         raise ConfigError(f"--clients: need at least 1, got {args.clients}")
     _check_simulation_options(args)
+    if args.auth and not args.tls:
+        raise ConfigError("--auth: SuperNode authentication needs --tls (Flower refuses it without TLS)")
+    if args.tls and args.simulation:
+        raise ConfigError("--tls: for a deployment with SuperNode processes; a simulation has none to connect")
     if args.simulation:
         dep = SimulationDeployment(args.home, args.clients, port=args.port, client_cpus=args.client_cpus,
                                    client_gpus=args.client_gpus)
     else:
-        dep = LocalDeployment(args.home, args.clients, port=args.port)
+        dep = LocalDeployment(args.home, args.clients, port=args.port, tls=args.tls, auth=args.auth)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         dep.start()
@@ -156,6 +160,10 @@ def cmd_flower_up(args) -> None:
         else:
             print(f"SuperLink on {dep.address}; {args.clients} SuperNodes (client-id 0..{args.clients - 1}); logs "
                   f"and client state in {dep.home}/")
+            if args.tls:
+                print(f"TLS: the SuperLink's certificate is signed by {dep.certificates.ca}, which the SuperNodes "
+                      "and the flwr connection trust" + (f"; SuperNode authentication: only the {args.clients} "
+                      f"registered SuperNodes may connect (keys in {dep.security}/)" if args.auth else ""))
         print(f"flwr connection '{CONNECTION}' written to {dep.cli_home}/config.toml")
         print("In another terminal:  fellrec flower run configs/flower-demo.yaml")
         print("Ctrl-C stops the deployment.", flush=True)
@@ -411,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--clients", type=int, required=True, help="SuperNodes to start, one per client (with "
                            "--simulation: virtual SuperNodes per run)")
             p.add_argument("--port", type=int, help="the SuperLink's port (default: a free one)")
+            p.add_argument("--tls", action="store_true", help="TLS between the SuperLink and the SuperNodes and CLI, "
+                           "with a certificate authority made for this deployment (files in HOME/security)")
+            p.add_argument("--auth", action="store_true", help="with --tls: SuperNode authentication, each "
+                           "SuperNode's public key registered with the SuperLink; unregistered ones are refused")
         if func in (cmd_flower_up, cmd_flower_run):
             p.add_argument("--simulation", action="store_true", help="Flower's simulation engine: virtual SuperNodes "
                            "in Ray, no SuperNode processes (needs pip install -e '.[simulation]')")

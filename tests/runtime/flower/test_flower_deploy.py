@@ -1,6 +1,9 @@
 """fellrec on real Flower processes: a local deployment (one SuperLink and three SuperNodes on
 127.0.0.1) and Flower's simulation engine (Ray, the ``simulation`` extra). Each run is submitted with
-``flwr run``, judged by the status the SuperLink recorded, and must equal the embedded run.
+``flwr run``, judged by the status the SuperLink recorded, and must equal the embedded run. The
+shared deployment runs with TLS and SuperNode authentication (certificates and keys made in the
+test), so every run on it is a run over TLS by registered SuperNodes; the deployment whose SuperNode
+is killed and restarted is insecure, so both kinds are run.
 
 These tests wait on Flower's latency (a process per ClientApp message, 3 s SuperNode polling) more
 than they compute, so they live apart from the in-process tests of tests/runtime/flower/test_flower.py: pytest-xdist
@@ -46,8 +49,55 @@ def deployment(tmp_path_factory):
     home = tmp_path_factory.mktemp("flower")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FELLREC_CACHE", str(home / "cache"))  # the SuperNodes' environment
-        with deploy.LocalDeployment(home, 3) as dep:
+        with deploy.LocalDeployment(home, 3, tls=True, auth=True) as dep:
             yield dep
+
+
+def test_the_deployment_serves_tls_with_a_certificate_for_loopback(deployment):
+    import ipaddress
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    ca = x509.load_pem_x509_certificate(deployment.certificates.ca.read_bytes())
+    cert = x509.load_pem_x509_certificate(deployment.certificates.cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("127.0.0.1") in sans.get_values_for_type(x509.IPAddress)
+    host, port = deployment.address.split(":")
+    context = ssl.create_default_context(cafile=str(deployment.certificates.ca))
+    with socket.create_connection((host, int(port)), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname=host) as tls:  # the handshake checks the chain and the name
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        served = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+    assert served == cert
+    with socket.create_connection((host, int(port)), timeout=5) as raw, pytest.raises(ssl.SSLError):
+        ssl.create_default_context().wrap_socket(raw, server_hostname=host)  # not trusted without our CA
+    toml = (deployment.cli_home / "config.toml").read_text()
+    assert f'root-certificates = "{deployment.certificates.ca}"' in toml and "insecure" not in toml
+
+
+@pytest.mark.slow
+def test_an_unregistered_supernode_is_refused(deployment):
+    """SuperNode 9 has a key pair but its public key was never registered: the SuperLink refuses to
+    activate it and it exits, while the registered SuperNodes stay connected (the runs of the tests
+    around this one)."""
+    proc = deployment.start_node(9, wait=False)
+    try:
+        assert proc.wait(timeout=120) != 0
+    finally:
+        deployment.kill_node(9)
+        del deployment.nodes[9]
+    assert "Failed to activate SuperNode" in deployment.log_path("node-9").read_text(errors="replace")
+    assert "No SuperNode found with the given public key" in deployment.log_path("superlink").read_text(
+        errors="replace")
+    assert all(p.poll() is None for p in deployment.nodes.values())
+
+
+def test_authentication_needs_tls(tmp_path):
+    with pytest.raises(ValueError, match="SuperNode authentication needs TLS"):
+        deploy.LocalDeployment(tmp_path, 1, auth=True)
 
 
 @pytest.mark.slow
@@ -142,3 +192,39 @@ def test_simulation_without_ray_says_how_to_install_it(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err.strip()
     assert err.startswith("fellrec: error: ") and "pip install -e '.[simulation]'" in err and "\n" not in err
     assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.slow
+def test_flower_up_with_tls_and_auth_starts_a_secured_deployment_and_stops_on_ctrl_c(tmp_path):
+    """`fellrec flower up --tls --auth` as a user runs it: it makes the certificates and keys, registers
+    its SuperNodes, writes a TLS connection for `fellrec flower run`, and Ctrl-C stops every process."""
+    import signal
+    import subprocess
+    import sys
+
+    home = tmp_path / "flower"
+    env = {**os.environ, "FELLREC_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "fellrec", "flower", "up", "--clients", "2", "--tls", "--auth",
+                             "--home", str(home)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Ctrl-C stops"):
+                break
+        text = "".join(lines)
+        assert "TLS: the SuperLink's certificate is signed by" in text
+        assert "only the 2 registered SuperNodes may connect" in text
+        toml = (home / "cli" / "config.toml").read_text()
+        assert f'root-certificates = "{home.resolve() / "security" / "ca.crt"}"' in toml
+        link = (home / "superlink.log").read_text(errors="replace")
+        assert link.count("[ControlServicer.RegisterNode] Created node_id") == 2
+        assert link.count("[Fleet.ActivateNode] Activated node_id") == 2
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "stopping the deployment" in rest
+    time.sleep(1)
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]

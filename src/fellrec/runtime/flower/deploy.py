@@ -8,6 +8,11 @@ its own log file; update checks and telemetry are off. The SuperLink runs with
 A run is judged by the status the SuperLink recorded (``flwr ls``), never by ``flwr run``'s exit
 code, which is 0 even when the ServerApp raised.
 
+With ``tls`` the SuperLink serves TLS with a certificate for 127.0.0.1 from a CA made for the
+deployment, and SuperNodes and the flwr CLI trust that CA; with ``auth`` as well, only SuperNodes
+whose public key was registered (``flwr supernode register``) may connect
+(``fellrec.runtime.flower.security`` makes the files).
+
 ``SimulationDeployment`` is the same SuperLink with Flower's simulation engine (Ray, the
 ``simulation`` extra) and no SuperNode processes: the ServerApp and ClientApps are the same.
 """
@@ -56,9 +61,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _healthy(url: str) -> bool:
+def _healthy(url: str, ca: Path | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=0.5) as r:
+        context = None
+        if ca is not None:
+            import ssl
+
+            context = ssl.create_default_context(cafile=str(ca))
+        with urllib.request.urlopen(url, timeout=0.5, context=context) as r:
             return r.status == 200
     except OSError:
         return False
@@ -76,11 +86,14 @@ def _wait(ready, timeout_s: float, what: str, proc: subprocess.Popen, log: Path)
     raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s; see {log}")
 
 
-def write_connection(cli_home: Path, address: str, name: str = CONNECTION) -> Path:
-    """The flwr CLI's config.toml with one insecure connection, ``name``, the default."""
+def write_connection(cli_home: Path, address: str, name: str = CONNECTION,
+                     root_certificates: Path | None = None) -> Path:
+    """The flwr CLI's config.toml with one connection, ``name``, the default: insecure, or over TLS
+    trusting ``root_certificates``."""
     cli_home.mkdir(parents=True, exist_ok=True)
     path = cli_home / "config.toml"
-    path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\ninsecure = true\n',
+    trust = f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
+    path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{trust}\n',
                     encoding="utf-8")
     return path
 
@@ -127,13 +140,19 @@ class LocalDeployment:
     """A SuperLink and ``clients`` SuperNodes on 127.0.0.1 under ``home`` (a context manager).
 
     SuperNode i runs with ``--node-config "client-id=i state-dir=<home>/node-i/state"``: fellrec's
-    client i, with its private state in that folder.
+    client i, with its private state in that folder. ``tls`` and ``auth``: see the module's doc; the
+    certificates and keys are under ``<home>/security``.
     """
 
-    def __init__(self, home: str | Path, clients: int, *, port: int | None = None):
+    def __init__(self, home: str | Path, clients: int, *, port: int | None = None, tls: bool = False,
+                 auth: bool = False):
+        if auth and not tls:
+            raise ValueError("SuperNode authentication needs TLS (Flower refuses it on an insecure SuperLink)")
         self.home = Path(home).resolve()
         self.clients = clients
         self.port = port or free_port()
+        self.tls, self.auth = tls, auth
+        self.certificates = None
         self.link: subprocess.Popen | None = None
         self.nodes: dict[int, subprocess.Popen] = {}
         self._logs: list[Any] = []
@@ -155,22 +174,52 @@ class LocalDeployment:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**flower_env(flwr_home), **env},
                                 process_group=0)
 
+    @property
+    def security(self) -> Path:
+        return self.home / "security"
+
     def start_link(self, *extra: str, **env: str) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        self.link = self._spawn("superlink", [flower_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1",
+        trust = ["--insecure"]
+        if self.tls:
+            from fellrec.runtime.flower.security import make_certificates
+
+            self.certificates = c = make_certificates(self.security)
+            trust = ["--ssl-ca-certfile", str(c.ca), "--ssl-certfile", str(c.cert), "--ssl-keyfile", str(c.key),
+                     *(["--enable-supernode-auth"] if self.auth else [])]
+        self.link = self._spawn("superlink", [flower_bin("flower-superlink"), *trust, "--host", "127.0.0.1",
                                               "--port", str(self.port), "--disable-runtime-dependency-installation",
                                               *extra], self.home / "superlink", **env)
-        _wait(lambda: _healthy(f"http://{self.address}/health"), 60, "flower-superlink", self.link,
+        scheme, ca = ("https", self.certificates.ca) if self.tls else ("http", None)
+        _wait(lambda: _healthy(f"{scheme}://{self.address}/health", ca), 60, "flower-superlink", self.link,
               self.log_path("superlink"))
+        write_connection(self.cli_home, self.address, root_certificates=ca)
 
     def start(self) -> LocalDeployment:
         self.start_link()
         for i in range(self.clients):
+            if self.auth:
+                self.register_node(i)
             self.start_node(i, wait=False)
         for i in range(self.clients):
             self.wait_node(i)
-        write_connection(self.cli_home, self.address)
         return self
+
+    def node_key(self, i: int) -> tuple[Path, Path]:
+        """SuperNode i's (private, public) key files, made the first time."""
+        private, public = self.security / f"node-{i}.key", self.security / f"node-{i}.pub"
+        if not private.exists():
+            from fellrec.runtime.flower.security import make_node_keys
+
+            make_node_keys(self.security, f"node-{i}")
+        return private, public
+
+    def register_node(self, i: int) -> None:
+        """Register SuperNode i's public key with the SuperLink (``flwr supernode register``)."""
+        _, public = self.node_key(i)
+        done = flwr(self.cli_home, "supernode", "register", str(public), CONNECTION)
+        if done.returncode != 0 or "registered" not in done.stdout:
+            raise RuntimeError(f"flwr supernode register of node {i} failed: {done.stdout[-500:]}{done.stderr[-500:]}")
 
     def node_state(self, i: int) -> Path:
         return self.home / f"node-{i}" / "state"
@@ -180,7 +229,12 @@ class LocalDeployment:
         if log.exists():
             log.rename(log.with_suffix(f".{int(time.time() * 1000)}.log"))  # keep the old life's log apart
         config = f'client-id={i} state-dir="{self.node_state(i)}"'
-        self.nodes[i] = self._spawn(f"node-{i}", [flower_bin("flower-supernode"), "--insecure", "--superlink",
+        trust = ["--insecure"]
+        if self.tls:
+            trust = ["--root-certificates", str(self.certificates.ca)]
+            if self.auth:
+                trust += ["--auth-supernode-private-key", str(self.node_key(i)[0])]
+        self.nodes[i] = self._spawn(f"node-{i}", [flower_bin("flower-supernode"), *trust, "--superlink",
                                                   self.address, "--node-config", config, "--host", "127.0.0.1",
                                                   "--port", str(free_port())], self.home / f"node-{i}")
         if wait:
@@ -280,7 +334,6 @@ class SimulationDeployment(LocalDeployment):
                               "ray")
         self._ray_link.symlink_to(self.ray_dir, target_is_directory=True)
         self.start_link("--simulation", RAY_TMPDIR=str(self._ray_link))
-        write_connection(self.cli_home, self.address)
         r = flwr(self.cli_home, "federation", "simulation-config", FEDERATION, CONNECTION, *self.federation_options())
         if r.returncode != 0:
             raise RuntimeError(f"flwr federation simulation-config failed (exit {r.returncode}): "
