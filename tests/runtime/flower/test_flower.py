@@ -155,6 +155,7 @@ class LocalGrid:
         self.inbox: dict[str, Message] = {}
         self.delivered: list[tuple[str, int]] = []
         self.sent: list[tuple[str, set[str]]] = []
+        self.replies: list[tuple[Message, RecordDict]] = []  # every request with its reply's content, whole
 
     def get_node_ids(self):
         return [n for n in self.nodes if n not in self.dead]
@@ -190,6 +191,7 @@ class LocalGrid:
             if node not in self.dead:  # a node that died while it worked never sends its reply
                 out.append(answer)
                 if answer.has_content():  # the names of the tensors each reply carried
+                    self.replies.append((m, answer.content))
                     self.sent.append((m.metadata.message_type, {k for name, rec in answer.content.array_records.items()
                                                                 for k in rec}))
         return out
