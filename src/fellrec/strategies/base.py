@@ -114,6 +114,29 @@ class Strategy:
             raise ValueError(f"{self.name} keeps no state, got {sorted(tensors)[:3]}")
 
 
+class GlobalAdapter(Strategy):
+    """A strategy with one global adapter (``global_``), which every client validates and tests with and
+    which is all a checkpoint keeps; subclasses say what a client trains from and how updates fold in."""
+
+    def __init__(self, initial: Tensors, clients: list[str], **options: Any):
+        super().__init__(initial, clients)
+        self.global_ = {k: v.clone() for k, v in initial.items()}
+
+    def configure_evaluate(self, client: str) -> Payload:
+        return Payload(self.global_)
+
+    def global_tensors(self) -> Tensors:
+        return self.global_
+
+    def state(self) -> Tensors:
+        return dict(self.global_)
+
+    def load_state(self, tensors: Tensors) -> None:
+        if tensors.keys() != self.global_.keys():
+            raise ValueError("checkpoint's global adapter does not match the model's adapter")
+        self.global_ = dict(tensors)
+
+
 def weighted_mean(updates: list[ClientUpdate]) -> Tensors:
     """Σ_k n_k θ_k / Σ_k n_k over the updates, tensor by tensor (n_k = ``num_examples``).
 

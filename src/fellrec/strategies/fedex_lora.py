@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from fellrec.adapters import is_residual
-from fellrec.strategies.base import ClientUpdate, Payload, Strategy, Tensors
+from fellrec.strategies.base import ClientUpdate, GlobalAdapter, Payload, Tensors
 from fellrec.strategies.lora_parts import layers, mean_of_rest, sample_shares
 
 
-class FedExLoRA(Strategy):
+class FedExLoRA(GlobalAdapter):
     name = "fedex-lora"
 
     def __init__(self, initial: Tensors, clients: list[str], lora_scale: float = 2.0, **options: Any):
@@ -30,7 +30,6 @@ class FedExLoRA(Strategy):
         if not self.layers:
             raise ValueError("fedex-lora needs residuals on the LoRA layers (fellrec.adapters.add_residuals)")
         self.scale = float(lora_scale)
-        self.global_ = {k: v.clone() for k, v in initial.items()}
 
     def configure_fit(self, rnd: int, client: str) -> Payload:
         return Payload(self.global_, {"share": True})
@@ -49,17 +48,3 @@ class FedExLoRA(Strategy):
             norms.append(float(self.scale * residual.norm()))
         self.global_ = new
         return {"weights": {u.client: u.num_examples for u in updates}, "residual_norm": sum(norms)}
-
-    def configure_evaluate(self, client: str) -> Payload:
-        return Payload(self.global_)
-
-    def global_tensors(self) -> Tensors:
-        return self.global_
-
-    def state(self) -> Tensors:
-        return dict(self.global_)
-
-    def load_state(self, tensors: Tensors) -> None:
-        if tensors.keys() != self.global_.keys():
-            raise ValueError("checkpoint's global adapter does not match the model's adapter")
-        self.global_ = dict(tensors)

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from fellrec.adapters import is_residual
-from fellrec.strategies.base import ClientUpdate, Payload, Strategy, Tensors
+from fellrec.strategies.base import ClientUpdate, GlobalAdapter, Payload, Tensors
 from fellrec.strategies.lora_parts import is_a, is_b, layers, mean_of_rest, sample_shares, stack
 
 
-class FLoRA(Strategy):
+class FLoRA(GlobalAdapter):
     name = "flora"
 
     def __init__(self, initial: Tensors, clients: list[str], lora_scale: float = 2.0, seed: int = 0,
@@ -35,7 +35,6 @@ class FLoRA(Strategy):
         if not self.layers:
             raise ValueError("flora needs residuals on the LoRA layers (fellrec.adapters.add_residuals)")
         self.scale, self.seed = float(lora_scale), int(seed)
-        self.global_ = {k: v.clone() for k, v in initial.items()}
         for _, b, _ in self.layers.values():
             self.global_[b] = torch.zeros_like(initial[b])
 
@@ -64,17 +63,3 @@ class FLoRA(Strategy):
             new[a], new[b] = self.global_[a], self.global_[b]  # B stays 0: the global model is W0 + ΔW
         self.global_ = new
         return {"weights": {u.client: u.num_examples for u in updates}, "stacked_rank": rank}
-
-    def configure_evaluate(self, client: str) -> Payload:
-        return Payload(self.global_)
-
-    def global_tensors(self) -> Tensors:
-        return self.global_
-
-    def state(self) -> Tensors:
-        return dict(self.global_)
-
-    def load_state(self, tensors: Tensors) -> None:
-        if tensors.keys() != self.global_.keys():
-            raise ValueError("checkpoint's global adapter does not match the model's adapter")
-        self.global_ = dict(tensors)
