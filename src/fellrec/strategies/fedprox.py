@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fellrec.strategies.base import ClientUpdate, Payload, Strategy, Tensors
+from fellrec.strategies.base import Payload, Tensors
 from fellrec.strategies.fedavg import FedAvg
 
 
-class FedProx(Strategy):
+class FedProx(FedAvg):
     name = "fedprox"
 
     def __init__(self, initial: Tensors, clients: list[str], prox_mu: float = 0.01, **options: Any):
@@ -18,23 +18,7 @@ class FedProx(Strategy):
         if prox_mu < 0:
             raise ValueError(f"prox_mu must not be negative, got {prox_mu}")
         self.mu = float(prox_mu)
-        self.avg = FedAvg(initial, clients)  # the aggregation and the server state are FedAvg's
 
     def configure_fit(self, rnd: int, client: str) -> Payload:
-        payload = self.avg.configure_fit(rnd, client)
+        payload = super().configure_fit(rnd, client)
         return Payload(payload.tensors, {**payload.config, "prox_mu": self.mu})
-
-    def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> dict[str, Any]:
-        return self.avg.aggregate(rnd, updates)
-
-    def configure_evaluate(self, client: str) -> Payload:
-        return self.avg.configure_evaluate(client)
-
-    def global_tensors(self) -> Tensors:
-        return self.avg.global_tensors()
-
-    def state(self) -> Tensors:
-        return self.avg.state()
-
-    def load_state(self, tensors: Tensors) -> None:
-        self.avg.load_state(tensors)

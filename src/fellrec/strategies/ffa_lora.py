@@ -8,33 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from fellrec.strategies.base import ClientUpdate, Payload, Strategy, Tensors
+from fellrec.strategies.base import ClientUpdate, Payload, Tensors
 from fellrec.strategies.fedavg import FedAvg
 from fellrec.strategies.lora_parts import LORA_A, is_a, only_sent
 
 
-class FFALoRA(Strategy):
+class FFALoRA(FedAvg):
     name = "ffa-lora"
 
     def __init__(self, initial: Tensors, clients: list[str], **options: Any):
-        super().__init__(initial, clients)
-        self.avg = FedAvg({k: v for k, v in initial.items() if not is_a(k)}, clients)  # FedAvg of all but A
+        super().__init__({k: v for k, v in initial.items() if not is_a(k)}, clients)  # FedAvg of all but A
 
     def configure_fit(self, rnd: int, client: str) -> Payload:
-        payload = self.avg.configure_fit(rnd, client)
+        payload = super().configure_fit(rnd, client)
         return Payload(payload.tensors, {**payload.config, "upload": "sent", "frozen": LORA_A})
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> dict[str, Any]:
-        return self.avg.aggregate(rnd, only_sent(self.name, updates, self.avg.global_tensors()))
-
-    def configure_evaluate(self, client: str) -> Payload:
-        return self.avg.configure_evaluate(client)
-
-    def global_tensors(self) -> Tensors:
-        return self.avg.global_tensors()
-
-    def state(self) -> Tensors:
-        return self.avg.state()
-
-    def load_state(self, tensors: Tensors) -> None:
-        self.avg.load_state(tensors)
+        return super().aggregate(rnd, only_sent(self.name, updates, self.global_))
