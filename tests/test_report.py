@@ -307,3 +307,19 @@ def test_report_shows_intervals_and_warnings(tmp_path):
     ci = clients[0].index("R@10 95% CI")
     assert [r[ci] for r in clients[2:]] == ["-", "[0.2000, 0.2500]", "-"]
     assert (out / "plots" / "learning.png").exists()
+
+
+def test_runs_saved_by_versions_with_fewer_keys_still_pair(tmp_path):
+    """A key added later (here data.domain_by, null by default) must not make two runs on the same data
+    look like runs on different test sets."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    a, b = make_run(tmp_path, RUN_A), make_run(tmp_path, RUN_B)
+    config = yaml.safe_load((b / "config.yaml").read_text())
+    (b / "config.yaml").write_text(yaml.safe_dump({**config, "data": {"domain_by": None, "domain_values": []}}))
+    for out in (a, b):
+        write_users(out, {u: float(rng.random() < 0.3) for u in range(50)})
+    text, _ = compare([a, b])
+    rows = table_rows(text.split("## Paired differences")[1].split("##")[0])
+    assert [r[:3] for r in rows[2:]] == [["alpha-fedavg", "beta-fedprox", "50"]]

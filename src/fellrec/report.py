@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from fellrec.errors import DataError
+from fellrec.errors import DataError, FellrecError
 from fellrec.files import atomic, write_text
 from fellrec.results import read_test_users, task_of
 
@@ -72,9 +72,23 @@ def load_run(run_dir: str | Path) -> Run:
     if not results_path.exists():
         raise DataError(results_path, None, "missing: the run is unfinished (or never started), nothing to report")
     results = _read_json(results_path)
-    config = _read_yaml(path / "config.yaml")
+    config = _resolved(_read_yaml(path / "config.yaml"))
     rounds = _read_rounds(path / "metrics.jsonl")
     return Run(path=path, config=config, results=results, rounds=rounds)
+
+
+def _resolved(config: dict[str, Any]) -> dict[str, Any]:
+    """The run's config with every key this version knows (its defaults filled in), so that runs saved
+    by versions with fewer keys compare equal where they are equal; as saved when this version cannot
+    read it (a key since renamed or removed)."""
+    from fellrec.config import config_from_text, to_dict
+
+    if not config:
+        return config
+    try:
+        return to_dict(config_from_text(yaml.safe_dump(config), "config.yaml"))
+    except FellrecError:
+        return config
 
 
 def _read_json(path: Path) -> dict[str, Any]:
