@@ -37,7 +37,7 @@ from fellrec.errors import FellrecError
 
 APP_DIR = Path(__file__).resolve().parent / "app"
 CONNECTION = "fellrec-local"
-FEDERATION = "@none/default"  # the federation of a SuperLink without federation management (Flower 1.41)
+FEDERATION = "@none/default"  # the federation of a SuperLink without federation management (Flower 1.41, 1.42)
 
 
 def flower_bin(name: str) -> str:
