@@ -86,3 +86,9 @@ def test_strategy_state_round_trips():
     assert torch.equal(t.global_tensors()["a"], torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="unknown algorithm 'fedsgd'"):
         make_strategy("fedsgd", {}, [])
+
+
+def test_weighted_mean_can_leave_tensors_out():
+    ups = [update("0", 1, a=[1.0], b=[5.0]), update("1", 3, a=[5.0], b=[9.0])]
+    out = weighted_mean(ups, skip=lambda k: k == "b")
+    assert set(out) == {"a"} and torch.allclose(out["a"], torch.tensor([4.0]))

@@ -137,23 +137,31 @@ class GlobalAdapter(Strategy):
         self.global_ = dict(tensors)
 
 
-def weighted_mean(updates: list[ClientUpdate]) -> Tensors:
-    """Σ_k n_k θ_k / Σ_k n_k over the updates, tensor by tensor (n_k = ``num_examples``).
+def sample_shares(updates: list[ClientUpdate]) -> list[float]:
+    """n_k / Σ_k n_k over the updates (n_k = ``num_examples``): FedAvg's weights."""
+    if not updates:
+        raise ValueError("sample shares need at least one update")
+    counts = [float(u.num_examples) for u in updates]
+    if any(n < 0 for n in counts) or sum(counts) <= 0:
+        raise ValueError(f"sample shares need non-negative sample counts with a positive sum, got {counts}")
+    return [n / sum(counts) for n in counts]
+
+
+def weighted_mean(updates: list[ClientUpdate], skip: Callable[[str], bool] | None = None) -> Tensors:
+    """Σ_k n_k θ_k / Σ_k n_k over the updates, tensor by tensor (n_k = ``num_examples``), leaving out
+    the tensors whose name ``skip`` picks.
 
     The sum runs in float64 so the result does not depend on the order of the clients.
     """
-    if not updates:
-        raise ValueError("weighted_mean needs at least one update")
-    weights = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
-    if (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(f"weighted_mean needs non-negative sample counts with a positive sum, got {weights.tolist()}")
-    weights = weights / weights.sum()
+    weights = sample_shares(updates)
     names = updates[0].tensors.keys()
     for u in updates[1:]:
         if u.tensors.keys() != names:
             raise ValueError(f"client {u.client} sent other tensors than client {updates[0].client}")
     out = {}
     for name in names:
+        if skip is not None and skip(name):
+            continue
         acc = sum(w * u.tensors[name].to(torch.float64) for w, u in zip(weights, updates, strict=True))
         out[name] = acc.to(updates[0].tensors[name].dtype)
     return out

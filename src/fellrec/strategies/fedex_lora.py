@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from fellrec.adapters import is_residual
-from fellrec.strategies.base import ClientUpdate, GlobalAdapter, Payload, Tensors
-from fellrec.strategies.lora_parts import layers, mean_of_rest, sample_shares
+from fellrec.strategies.base import ClientUpdate, GlobalAdapter, Payload, Tensors, sample_shares, weighted_mean
+from fellrec.strategies.lora_parts import layers
 
 
 class FedExLoRA(GlobalAdapter):
@@ -38,7 +38,7 @@ class FedExLoRA(GlobalAdapter):
         if not updates:
             return {}
         shares = sample_shares(updates)
-        new = mean_of_rest(updates, shares, is_residual)  # A, B and the rest: FedAvg
+        new = weighted_mean(updates, skip=is_residual)  # A, B and the rest: FedAvg
         norms = []
         for a, b, delta in self.layers.values():
             mean_product = sum(w * u.tensors[b].to(torch.float64) @ u.tensors[a].to(torch.float64)

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from fellrec.adapters import is_residual
-from fellrec.strategies.base import ClientUpdate, GlobalAdapter, Payload, Tensors
-from fellrec.strategies.lora_parts import is_a, is_b, layers, mean_of_rest, sample_shares, stack
+from fellrec.strategies.base import ClientUpdate, GlobalAdapter, Payload, Tensors, sample_shares, weighted_mean
+from fellrec.strategies.lora_parts import is_a, is_b, layers, stack
 
 
 class FLoRA(GlobalAdapter):
@@ -53,7 +53,7 @@ class FLoRA(GlobalAdapter):
         if not updates:
             return {}
         shares = sample_shares(updates)
-        new = mean_of_rest(updates, shares, lambda k: is_a(k) or is_b(k) or is_residual(k))
+        new = weighted_mean(updates, skip=lambda k: is_a(k) or is_b(k) or is_residual(k))
         rank = 0
         for a, b, delta in self.layers.values():
             a_stack, b_stack = stack([u.tensors[a] for u in updates], [u.tensors[b] for u in updates], shares)

@@ -3,8 +3,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor
+
+from fellrec.strategies.base import ClientUpdate, Payload, Tensors
+from fellrec.strategies.fedavg import FedAvg
 
 LORA_A, LORA_B = ".lora_A.", ".lora_B."
 
@@ -25,6 +31,25 @@ def only_sent(strategy: str, updates: list, sent: dict) -> list:
     return updates
 
 
+class SharedPart(FedAvg):
+    """FedAvg over the adapter tensors that ``stays`` does not pick; those it picks stay on each client:
+    never sent, and the client sends back only what it was sent (``upload: sent``). ``extra`` is what
+    else the payload tells the client."""
+
+    stays: ClassVar[Callable[[str], bool]]
+    extra: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, initial: Tensors, clients: list[str], **options: Any):
+        super().__init__({k: v for k, v in initial.items() if not self.stays(k)}, clients)
+
+    def configure_fit(self, rnd: int, client: str) -> Payload:
+        payload = super().configure_fit(rnd, client)
+        return Payload(payload.tensors, {**payload.config, "upload": "sent", **self.extra})
+
+    def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> dict[str, Any]:
+        return super().aggregate(rnd, only_sent(self.name, updates, self.global_))
+
+
 def layers(names) -> dict[str, tuple[str, str, str]]:
     """Each LoRA layer that has a residual (``fellrec.adapters.add_residuals``): its name -> the names
     of its A, B and residual ΔW tensors."""
@@ -41,14 +66,6 @@ def layers(names) -> dict[str, tuple[str, str, str]]:
     return out
 
 
-def sample_shares(updates: list) -> list[float]:
-    """n_k / Σ n over the updates (n: training samples), FedAvg's weights."""
-    total = float(sum(u.num_examples for u in updates))
-    if total <= 0:
-        raise ValueError("the clients' updates hold no training samples")
-    return [u.num_examples / total for u in updates]
-
-
 def stack(As: list[Tensor], Bs: list[Tensor], weights: list[float]) -> tuple[Tensor, Tensor]:
     """FLoRA's stacking: A's rows [w_1 A_1; w_2 A_2; ...] and B's columns [B_1, B_2, ...], so that
     B_stack @ A_stack = Σ_k w_k B_k A_k. The clients' ranks may differ."""
@@ -61,9 +78,3 @@ def stack(As: list[Tensor], Bs: list[Tensor], weights: list[float]) -> tuple[Ten
     b = torch.cat([x.to(torch.float64) for x in Bs], dim=1)
     return a, b
 
-
-def mean_of_rest(updates: list, weights: list[float], skip) -> dict[str, Tensor]:
-    """The weighted mean of every tensor the updates hold whose name ``skip`` does not pick."""
-    names = [k for k in updates[0].tensors if not skip(k)]
-    return {k: sum(w * u.tensors[k].to(torch.float64) for w, u in zip(weights, updates, strict=True))
-            .to(updates[0].tensors[k].dtype) for k in names}
