@@ -6,22 +6,9 @@ the B matrices' bytes are never counted; it validates and tests with the shared 
 
 from __future__ import annotations
 
-from typing import Any
-
-from fellrec.strategies.base import ClientUpdate, Payload, Tensors
-from fellrec.strategies.fedavg import FedAvg
-from fellrec.strategies.lora_parts import is_b, only_sent
+from fellrec.strategies.lora_parts import SharedPart, is_b
 
 
-class FedSALoRA(FedAvg):
+class FedSALoRA(SharedPart):
     name = "fedsa-lora"
-
-    def __init__(self, initial: Tensors, clients: list[str], **options: Any):
-        super().__init__({k: v for k, v in initial.items() if not is_b(k)}, clients)  # FedAvg of all but B
-
-    def configure_fit(self, rnd: int, client: str) -> Payload:
-        payload = super().configure_fit(rnd, client)
-        return Payload(payload.tensors, {**payload.config, "upload": "sent"})
-
-    def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> dict[str, Any]:
-        return super().aggregate(rnd, only_sent(self.name, updates, self.global_))
+    stays = staticmethod(is_b)  # B: each client's own

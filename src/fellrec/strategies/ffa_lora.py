@@ -6,22 +6,12 @@ The payload tells the client not to train A (``frozen``) and to send back only w
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-from fellrec.strategies.base import ClientUpdate, Payload, Tensors
-from fellrec.strategies.fedavg import FedAvg
-from fellrec.strategies.lora_parts import LORA_A, is_a, only_sent
+from fellrec.strategies.lora_parts import LORA_A, SharedPart, is_a
 
 
-class FFALoRA(FedAvg):
+class FFALoRA(SharedPart):
     name = "ffa-lora"
-
-    def __init__(self, initial: Tensors, clients: list[str], **options: Any):
-        super().__init__({k: v for k, v in initial.items() if not is_a(k)}, clients)  # FedAvg of all but A
-
-    def configure_fit(self, rnd: int, client: str) -> Payload:
-        payload = super().configure_fit(rnd, client)
-        return Payload(payload.tensors, {**payload.config, "upload": "sent", "frozen": LORA_A})
-
-    def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> dict[str, Any]:
-        return super().aggregate(rnd, only_sent(self.name, updates, self.global_))
+    stays = staticmethod(is_a)  # A: frozen at its shared initialisation
+    extra: ClassVar[dict[str, Any]] = {"frozen": LORA_A}  # the client does not train A
