@@ -323,3 +323,24 @@ def test_runs_saved_by_versions_with_fewer_keys_still_pair(tmp_path):
     text, _ = compare([a, b])
     rows = table_rows(text.split("## Paired differences")[1].split("##")[0])
     assert [r[:3] for r in rows[2:]] == [["alpha-fedavg", "beta-fedprox", "50"]]
+
+
+def test_seed_groups_with_one_seed_in_common_keep_their_run_pair(tmp_path):
+    """Groups that share fewer than two seeds are not paired seed by seed, so the one pair of runs with
+    the same seed stays in the run-by-run table."""
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    for spec, seeds in ((RUN_A, (7, 8)), (RUN_B, (7, 9))):
+        for seed in seeds:
+            name = f"{spec['name']}-s{seed}"
+            out = make_run(tmp_path, {**spec, "name": name})
+            config = yaml.safe_load((out / "config.yaml").read_text())
+            (out / "config.yaml").write_text(yaml.safe_dump({**config, "name": name, "seed": seed}))
+            write_users(out, {u: float(rng.random() < 0.3) for u in range(40)})
+    text, _ = compare(sorted(tmp_path.iterdir()))
+    assert "## Paired differences over seeds" not in text
+    rows = table_rows(text.split("## Paired differences on the same test users")[1].split("##")[0])
+    pairs = {(r[0], r[1]) for r in rows[2:]}
+    assert ("alpha-fedavg-s7", "beta-fedprox-s7") in pairs
+    assert ("alpha-fedavg-s7", "alpha-fedavg-s8") not in pairs  # the same group: over seeds, not pairs

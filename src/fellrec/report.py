@@ -683,11 +683,13 @@ def _test_set(run: Run) -> tuple:
 
 def paired_rows(runs: Sequence[Run], metrics: Sequence[str]) -> tuple[list[str], list[list[str]]]:
     """Every two runs with per-user test results (test_users.csv) on the same test set: A − B of each
-    metric over the users both tested, with its bootstrap interval. Two runs that both belong to seed
-    groups are left to ``seed_paired_rows``."""
+    metric over the users both tested, with its bootstrap interval. Two runs of the same seed group, or
+    of two seed groups that ``seed_paired_rows`` pairs, are left to that table."""
     from fellrec.stats import paired_difference
 
-    grouped = {id(r) for g in seed_groups(runs) for r in g}
+    groups = seed_groups(runs)
+    group_of = {id(r): i for i, g in enumerate(groups) for r in g}
+    paired_groups = {frozenset((id(ga), id(gb))) for ga, gb, _ in seed_pairs(groups)}
     per_user = {id(r): read_test_users(r.path) for r in runs}
     header = ["A", "B", "users"]
     for m in metrics:
@@ -696,8 +698,10 @@ def paired_rows(runs: Sequence[Run], metrics: Sequence[str]) -> tuple[list[str],
     for i, a in enumerate(runs):
         for b in runs[i + 1:]:
             ua, ub = per_user[id(a)], per_user[id(b)]
-            if id(a) in grouped and id(b) in grouped:
-                continue
+            if id(a) in group_of and id(b) in group_of:
+                ga, gb = groups[group_of[id(a)]], groups[group_of[id(b)]]
+                if ga is gb or frozenset((id(ga), id(gb))) in paired_groups:
+                    continue
             if ua is None or ub is None or _test_set(a) != _test_set(b):
                 continue
             cells, n = [], 0
@@ -721,35 +725,42 @@ def seed_groups(runs: Sequence[Run]) -> list[list[Run]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
+def seed_pairs(groups: Sequence[Sequence[Run]]) -> list[tuple[Sequence[Run], Sequence[Run], list]]:
+    """(A, B, seeds): every two seed groups on the same test set with two or more seeds in common."""
+    out = []
+    for i, ga in enumerate(groups):
+        for gb in groups[i + 1:]:
+            seeds = sorted({r.config.get("seed") for r in ga} & {r.config.get("seed") for r in gb}, key=str)
+            if _test_set(ga[0]) == _test_set(gb[0]) and len(seeds) >= 2:
+                out.append((ga, gb, seeds))
+    return out
+
+
 def seed_paired_rows(runs: Sequence[Run], metrics: Sequence[str]) -> tuple[list[str], list[list[str]]]:
     """Every two seed groups on the same test set, over the seeds both ran (paired seed by seed)."""
     from fellrec.stats import paired_over_seeds
 
-    groups = seed_groups(runs)
-    per_user = {id(r): read_test_users(r.path) for g in groups for r in g}
     header = ["A", "B", "seeds", "users"]
     for m in metrics:
         header += [f"{short(m)} A − B", "95% CI", "", "seeds"]
     rows = []
-    for i, ga in enumerate(groups):
-        for gb in groups[i + 1:]:
-            if _test_set(ga[0]) != _test_set(gb[0]):
+    groups = seed_groups(runs)
+    per_user = {id(r): read_test_users(r.path) for g in groups for r in g}
+    for ga, gb, seeds in seed_pairs(groups):
+        a = {r.config.get("seed"): per_user[id(r)] for r in ga}
+        b = {r.config.get("seed"): per_user[id(r)] for r in gb}
+        if any(a[s] is None or b[s] is None for s in seeds):
+            continue
+        cells, n = [], 0
+        for m in metrics:
+            if any(m not in a[s] or m not in b[s] for s in seeds):
+                cells += [MISSING, MISSING, "", MISSING]
                 continue
-            a = {r.config.get("seed"): per_user[id(r)] for r in ga if per_user[id(r)] is not None}
-            b = {r.config.get("seed"): per_user[id(r)] for r in gb if per_user[id(r)] is not None}
-            seeds = sorted(set(a) & set(b), key=str)
-            if len(seeds) < 2:
-                continue
-            cells, n = [], 0
-            for m in metrics:
-                if any(m not in a[s] or m not in b[s] for s in seeds):
-                    cells += [MISSING, MISSING, "", MISSING]
-                    continue
-                d, each = paired_over_seeds([a[s][m] for s in seeds], [b[s][m] for s in seeds])
-                n = max(n, d.n)
-                cells += [f"{d.mean:+.4f}", fmt_interval((d.low, d.high)), "*" if d.significant else "",
-                          f"{min(each):+.4f} to {max(each):+.4f}"]
-            rows.append([_group_name(ga), _group_name(gb), str(len(seeds)), str(n), *cells])
+            d, each = paired_over_seeds([a[s][m] for s in seeds], [b[s][m] for s in seeds])
+            n = max(n, d.n)
+            cells += [f"{d.mean:+.4f}", fmt_interval((d.low, d.high)), "*" if d.significant else "",
+                      f"{min(each):+.4f} to {max(each):+.4f}"]
+        rows.append([_group_name(ga), _group_name(gb), str(len(seeds)), str(n), *cells])
     return header, rows
 
 
