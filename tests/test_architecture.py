@@ -26,6 +26,7 @@ LAYERS = [
     ["runtime.flower.runtime"],
     ["runtime.flower.plain", "runtime.flower.fedpa"],
     ["runtime.flower.split"],
+    ["runtime.flower.client", "runtime.flower.worker"],
     ["runtime.flower.app", "run", "cli", "__main__"],
 ]
 

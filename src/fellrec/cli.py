@@ -143,13 +143,19 @@ def cmd_flower_up(args) -> None:
     _check_simulation_options(args)
     if args.auth and not args.tls:
         raise ConfigError("--auth: SuperNode authentication needs --tls (Flower refuses it without TLS)")
+    if args.simulation and (args.threads is not None or args.no_worker):
+        raise ConfigError("--threads, --no-worker: for a deployment with SuperNode processes; in a "
+                          "simulation Ray's actors keep the clients, and --client-cpus sets their CPUs")
     if args.tls and args.simulation:
         raise ConfigError("--tls: for a deployment with SuperNode processes; a simulation has none to connect")
     if args.simulation:
         dep = SimulationDeployment(args.home, args.clients, port=args.port, client_cpus=args.client_cpus,
                                    client_gpus=args.client_gpus)
     else:
-        dep = LocalDeployment(args.home, args.clients, port=args.port, tls=args.tls, auth=args.auth)
+        if args.threads is not None and args.threads < 1:
+            raise ConfigError(f"--threads: need at least 1, got {args.threads}")
+        dep = LocalDeployment(args.home, args.clients, port=args.port, tls=args.tls, auth=args.auth,
+                              worker=not args.no_worker, threads=args.threads)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         dep.start()
@@ -423,6 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "with a certificate authority made for this deployment (files in HOME/security)")
             p.add_argument("--auth", action="store_true", help="with --tls: SuperNode authentication, each "
                            "SuperNode's public key registered with the SuperLink; unregistered ones are refused")
+            p.add_argument("--threads", type=int, help="CPU threads per SuperNode's client (default: the cores "
+                           "divided among the clients, at least 1)")
+            p.add_argument("--no-worker", action="store_true", help="build each client anew in every ClientApp "
+                           "process instead of keeping it in a worker process between messages (slower; see "
+                           "docs/FLOWER.md)")
         if func in (cmd_flower_up, cmd_flower_run):
             p.add_argument("--simulation", action="store_true", help="Flower's simulation engine: virtual SuperNodes "
                            "in Ray, no SuperNode processes (needs pip install -e '.[simulation]')")

@@ -40,7 +40,7 @@ def begun(out: Path, config_text: str) -> Iterator[Path]:
     fails before the run is resumable or finished, remove what this start created."""
     out = Path(out)
     created_folder = not out.exists()
-    had = {name: (out / name).exists() for name in (CONFIG, "adapters", "metrics.jsonl")}
+    had = {name: (out / name).exists() for name in (CONFIG, "adapters", "metrics.jsonl", "messages.jsonl")}
     if not created_folder:
         remove_temporaries(out)  # left by a process killed while writing
     (out / "adapters").mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ Flower processes (a local deployment, the simulation engine) are in tests/runtim
 
 import gc
 import json
+import os
 import sys
 import uuid
 import weakref
@@ -498,3 +499,51 @@ def test_split_item_tokens_over_flower_reproduce_the_embedded_split_run(tmp_path
     expected = embedded_split_run(tmp_path / "embedded", sets)
     serve(load_config(None, sets), tmp_path / "run", tmp_path)
     assert_same_run(tmp_path / "run", expected)
+
+
+def _workers():
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True)
+            if "fellrec.runtime.flower.worker" in " ".join(p.cmdline())]
+
+
+@pytest.mark.slow
+def test_workers_keep_clients_between_messages_and_a_killed_one_changes_nothing(tmp_path, embedded):
+    """worker=true: each client's messages go to one process that outlives them (issue 17 §2). Killing
+    every worker after client 1's first training message (mid-round) starts new ones from the disk."""
+    nodes = {100 + i: {"client-id": i, "state-dir": str(tmp_path / f"state-{i}"), "worker": "true",
+                       "worker-idle-s": 120} for i in range(3)}
+    killed = []
+
+    def kill_workers(grid, msg):
+        if msg.metadata.message_type == "train" and grid.nodes[msg.metadata.dst_node_id]["client-id"] == 1 \
+                and not killed:
+            killed.extend(_workers())
+            for p in killed:
+                p.kill()
+                p.wait()
+
+    cfg = load_config(None, [*THREE, "train.algorithm=fedavg", "name=fedavg"])
+    try:
+        serve(cfg, tmp_path / "run", tmp_path, nodes=nodes, on_deliver=kill_workers)
+        assert_same_run(tmp_path / "run", embedded["fedavg"])
+        rows = [json.loads(x) for x in (tmp_path / "run" / "messages.jsonl").read_text().splitlines()]
+        # every reply but whoami's is in messages.jsonl with its timing, and every one came from a worker
+        assert sorted({r["type"] for r in rows}) == ["evaluate", "evaluate.test", "query", "train"]
+        assert len(rows) == 3 + 6 + 6 + 3
+        assert all(r["worker"] > 0 and r["worker"] != os.getpid() for r in rows)
+        assert {p.pid for p in killed} == {int(r["worker"]) for r in rows if r["type"] == "query"} and len(killed) == 3
+        for c in ("0", "1", "2"):
+            pids = [int(r["worker"]) for r in rows if r["client"] == c]
+            assert len(set(pids)) == 2  # one worker before the kill, one after
+            assert pids == sorted(pids, key=pids.index)  # ... and each served a run of messages in a row
+        for r in rows:  # the times are in order, and the parts fit in the time the message took
+            assert r["pushed"] <= r["called"] <= r["returned"] <= r["pulled"]
+            assert 0 <= r["build"] + r["model"] + r["work"] <= r["returned"] - r["called"] + 1e-6
+            assert r["bytes_received"] > 0 and (r["bytes_sent"] > 0) == (r["type"] != "query")  # setup sends nothing
+        trained = [r for r in rows if r["type"] == "train"]
+        assert all(r["model"] == 0 for r in trained if r["round"] == "fit-2")  # the worker kept the model
+    finally:
+        for p in _workers():
+            p.kill()

@@ -108,6 +108,12 @@ def test_a_real_deployment_reproduces_the_embedded_fellrec_run(deployment, embed
     record = flower_run(deployment, cfg, tmp_path / "run")
     assert record["status"] == "finished:completed"
     assert_same_run(tmp_path / "run", embedded[algorithm])
+    # every message went to its client's worker (fellrec flower up's default), one worker per client
+    rows = [json.loads(x) for x in (tmp_path / "run" / "messages.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 + 6 + 6 + 3 and all(r["worker"] > 0 for r in rows)
+    assert {c: len({r["worker"] for r in rows if r["client"] == c}) for c in "012"} == dict.fromkeys("012", 1)
+    # a ClientApp process per message, created after the message was sent
+    assert all(r["pushed"] < r["created"] < r["called"] <= r["returned"] < r["pulled"] for r in rows)
 
 
 @pytest.mark.slow
@@ -133,6 +139,9 @@ def test_a_supernode_killed_mid_run_comes_back_and_the_run_finishes(tmp_path, em
               for p in sorted((tmp_path / "flower").glob("node-1*.log"))]
     story = f"(node-1 logs {lives}, ClientApps started {starts}, runtime {results['runtime']})"
     assert results["runtime"]["messages_resent"] >= 1, story
+    # the client's worker died with its SuperNode's process group, and the message sent again started another
+    lives = (tmp_path / "flower" / "node-1" / "state" / "worker-client-1.log").read_text().count("listening on")
+    assert lives == 2, story
     # client 1's state survived: each round's files, the selected round, the adapter its test used
     state = next((tmp_path / "flower" / "node-1" / "state").glob("fedavg-*/client-1"))
     names = sorted(p.name for p in state.iterdir())
@@ -182,6 +191,16 @@ def test_a_simulated_run_reproduces_the_embedded_run(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["client-0", "client-1", "client-2"]
     assert list((tmp_path / "sim" / "ray" / "ray").glob("session_*/logs"))  # Ray's files in the deployment's home
     assert not started_under(tmp_path)
+
+
+def test_flower_up_refuses_worker_options_in_a_simulation_and_bad_threads(tmp_path, capsys):
+    home = tmp_path / "f"
+    assert main(["flower", "up", "--clients", "2", "--simulation", "--no-worker", "--home", str(home)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fellrec: error: --threads, --no-worker: for a deployment") and "\n" not in err
+    assert main(["flower", "up", "--clients", "2", "--threads", "0", "--home", str(home)]) == 2
+    assert "--threads: need at least 1, got 0" in capsys.readouterr().err
+    assert not home.exists()
 
 
 def test_simulation_without_ray_says_how_to_install_it(tmp_path, monkeypatch, capsys):

@@ -20,7 +20,8 @@ FEDPA_EVAL = {"logloss", "auc", "n"}
 FEDPA_SCORES = {"rounds", "valid", "test", "valid-labels", "test-labels"}  # predictions per round, the labels
 SPLIT_REQUEST = re.compile(r"^\d+\.(hidden|grad|attention_mask|position_ids|train)$")
 
-# message type -> the records its reply may hold (record name -> kind)
+# message type -> the records its reply may hold (record name -> kind); every reply but whoami's also
+# holds ``timing`` (TIMING_KEYS)
 RECORDS = {
     "query.whoami": {"info": "config"},
     "query": {"arrays": "arrays", "metrics": "metrics", "info": "config"},
@@ -36,6 +37,10 @@ RECORDS = {
     "evaluate.test_split": {"scores": "arrays", "arrays": "arrays", "metrics": "metrics", "info": "config",
                             "split-requests": "arrays", "split": "config"},
 }
+for _kind, _records in RECORDS.items():
+    if _kind != "query.whoami":
+        _records["timing"] = "metrics"
+TIMING_KEYS = {"created", "called", "returned", "build", "model", "work", "worker"}
 INFO = {"client-id", "name", "num-clients", "dataset", "titles", "groups", "best-round"}
 SPLIT_CONFIG = {"kinds", "requests", "done", "ack"}
 
@@ -79,7 +84,10 @@ def check_run(grid, *, ranking: bool, hidden: int | None = None, titles=None):
                         assert np.all(x == np.round(x))  # dense user ids, round numbers
                 else:  # adapter tensors
                     assert x.dtype == np.float32, (kind, key, x.dtype)
-        for record in content.metric_records.values():
+        for name, record in content.metric_records.items():
+            if name == "timing":  # when and how long, nothing about the data
+                assert set(record) == TIMING_KEYS, (kind, sorted(record))
+                continue
             allowed = {"query": COUNTS, "train": TRAIN_METRICS, "train.split": TRAIN_METRICS,
                        "evaluate.test": {"best-round"}, "evaluate.test_split": {"best-round"}}.get(
                 kind, (RANKING | {"loss"}) if ranking else FEDPA_EVAL)
@@ -147,6 +155,7 @@ def test_the_checks_catch_what_a_client_must_not_send():
         {**ok, "arrays": arr({"w": np.ones(3, np.float32)})},  # another shape than sent
         {**ok, "arrays": arr({"w": np.array([3, 5])})},  # integers where an adapter tensor goes
         {**ok, "metrics": MetricRecord({"loss": 1.0, "last-item": 42})},  # an undeclared metric
+        {**ok, "timing": MetricRecord({**dict.fromkeys(TIMING_KEYS, 1.0), "last-item": 42})},  # hidden in timing
     ]
     for reply in bad:
         with pytest.raises(AssertionError):

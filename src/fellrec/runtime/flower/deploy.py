@@ -38,6 +38,7 @@ from fellrec.errors import FellrecError
 APP_DIR = Path(__file__).resolve().parent / "app"
 CONNECTION = "fellrec-local"
 FEDERATION = "@none/default"  # the federation of a SuperLink without federation management (Flower 1.41, 1.42)
+TASK_POLL_S = 1.0  # s between a SuperExec's looks for messages (Flower's default; 0.1 costs 20% of a core)
 
 
 def flower_bin(name: str) -> str:
@@ -139,19 +140,25 @@ def _end_groups(groups: set[int], grace_s: float = 5.0) -> None:
 class LocalDeployment:
     """A SuperLink and ``clients`` SuperNodes on 127.0.0.1 under ``home`` (a context manager).
 
-    SuperNode i runs with ``--node-config "client-id=i state-dir=<home>/node-i/state"``: fellrec's
-    client i, with its private state in that folder. ``tls`` and ``auth``: see the module's doc; the
-    certificates and keys are under ``<home>/security``.
+    SuperNode i runs with ``--node-config "client-id=i state-dir=<home>/node-i/state threads=T worker=W"``:
+    fellrec's client i, with its private state in that folder, ``threads`` CPU threads (by default the
+    machine's cores divided among the clients, at least 1) and, with ``worker`` (the default), a worker
+    process that keeps the client between messages (``fellrec.runtime.flower.worker``). Each
+    SuperNode's SuperExec looks for messages every ``task_poll_s`` seconds. ``tls`` and ``auth``: see the
+    module's doc; the certificates and keys are under ``<home>/security``.
     """
 
     def __init__(self, home: str | Path, clients: int, *, port: int | None = None, tls: bool = False,
-                 auth: bool = False):
+                 auth: bool = False, worker: bool = True, threads: int | None = None,
+                 task_poll_s: float = TASK_POLL_S):
         if auth and not tls:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it on an insecure SuperLink)")
         self.home = Path(home).resolve()
         self.clients = clients
         self.port = port or free_port()
         self.tls, self.auth = tls, auth
+        self.worker, self.task_poll_s = worker, task_poll_s
+        self.threads = threads or max(1, (os.cpu_count() or 1) // max(1, clients))
         self.certificates = None
         self.link: subprocess.Popen | None = None
         self.nodes: dict[int, subprocess.Popen] = {}
@@ -228,7 +235,8 @@ class LocalDeployment:
         log = self.log_path(f"node-{i}")
         if log.exists():
             log.rename(log.with_suffix(f".{int(time.time() * 1000)}.log"))  # keep the old life's log apart
-        config = f'client-id={i} state-dir="{self.node_state(i)}"'
+        config = (f'client-id={i} state-dir="{self.node_state(i)}" threads={self.threads} '
+                  f'worker={str(self.worker).lower()}')
         trust = ["--insecure"]
         if self.tls:
             trust = ["--root-certificates", str(self.certificates.ca)]
@@ -236,7 +244,8 @@ class LocalDeployment:
                 trust += ["--auth-supernode-private-key", str(self.node_key(i)[0])]
         self.nodes[i] = self._spawn(f"node-{i}", [flower_bin("flower-supernode"), *trust, "--superlink",
                                                   self.address, "--node-config", config, "--host", "127.0.0.1",
-                                                  "--port", str(free_port())], self.home / f"node-{i}")
+                                                  "--port", str(free_port())], self.home / f"node-{i}",
+                                   FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(self.task_poll_s))
         if wait:
             self.wait_node(i)
         return self.nodes[i]

@@ -8,9 +8,11 @@ whose ClientApp raised fails the run with the client's error.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -37,6 +39,7 @@ class Nodes:
         self.asked: set[int] = set()  # nodes whose client id we know or asked for
         self.pending_whoami: dict[str, int] = {}  # message id -> node
         self.resent = 0  # messages sent again because their node went away
+        self.log_to: Path | None = None  # messages.jsonl: one line per reply (see ``_logged``)
 
     # ---- who is who ----------------------------------------------------------------------------
 
@@ -90,6 +93,7 @@ class Nodes:
         sent: dict[str, tuple[str, int]] = {}  # message id -> (client, node)
         tries: dict[str, int] = dict.fromkeys(contents, 0)
         replies: dict[str, Message] = {}
+        trips: dict[str, tuple[float, int]] = {}  # message id -> (when it was pushed, its content's bytes)
         end = time.monotonic() + self.timeout_s
         while pending:
             self.refresh()
@@ -108,9 +112,12 @@ class Nodes:
                 out.append(Message(pending[client](), dst_node_id=node, message_type=message_type, group_id=group))
                 targets.append((client, node))
             if out:
-                for mid, (client, node) in zip(self.grid.push_messages(out), targets, strict=True):
+                sizes = [content_bytes(m) for m in out] if self.log_to is not None else [0] * len(out)
+                pushed = time.time()
+                for mid, (client, node), size in zip(self.grid.push_messages(out), targets, sizes, strict=True):
                     sent[mid] = (client, node)
                     where[client] = node
+                    trips[mid] = (pushed, size)
             waiting = [mid for mid, (client, _) in sent.items() if client in pending]
             for rep in self.grid.pull_messages(waiting) if waiting else []:
                 client, node = sent.pop(rep.metadata.reply_to_message_id)
@@ -128,6 +135,8 @@ class Nodes:
                     raise ClientFailed(f"{message_type} on client {client} (node {node}) failed: {rep.error.reason}")
                 replies[client] = rep
                 del pending[client]
+                if self.log_to is not None:
+                    self._logged(message_type, group, client, node, *trips[rep.metadata.reply_to_message_id], rep)
             if not pending:
                 break
             if time.monotonic() > end:
@@ -135,6 +144,26 @@ class Nodes:
                                    f"{self.timeout_s:.0f} s (raise round-timeout for slow clients)")
             time.sleep(self.poll_s)
         return replies
+
+    def _logged(self, message_type: str, group: str, client: str, node: int, pushed: float, size: int,
+                reply: Message) -> None:
+        """One line of messages.jsonl: the message's type, round (group), client and node; when the
+        ServerApp pushed it and pulled its reply (seconds since the epoch); the bytes of its content and
+        of the reply's (serialized RecordDicts, as Flower sends them); and the reply's ``timing``
+        (``fellrec.runtime.flower.worker``), by which the time in between is split."""
+        row = {"type": message_type, "round": group, "client": client, "node": node, "pushed": pushed,
+               "pulled": time.time(), "bytes_sent": size, "bytes_received": content_bytes(reply)}
+        if "timing" in reply.content:
+            row.update({k: float(v) for k, v in reply.content["timing"].items()})
+        with open(self.log_to, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def content_bytes(msg: Message) -> int:
+    """The bytes of a message's content as Flower serializes it."""
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(msg.content).ByteSize() if msg.has_content() else 0
 
 
 def setup(nodes: Nodes, wait_s: float, content: Callable[[], RecordDict] = RecordDict) -> tuple[dict[str, dict], dict]:

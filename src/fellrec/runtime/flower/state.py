@@ -13,13 +13,12 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
-
-from fellrec.files import save_tensors
 
 CONFIG_KEY = "fellrec-config"
 
@@ -74,6 +73,8 @@ class ClientState:
         return tensors, meta
 
     def save_phase(self, rnd: int, phase: int, tensors: dict, meta: dict[str, Any] | None = None) -> None:
+        from fellrec.files import save_tensors  # torch: not for the light modules that import this one
+
         save_tensors(self._path(rnd, phase), tensors, {"fellrec": json.dumps(meta or {})})
         for old in self.saved()[:-self.KEEP]:
             self._path(*old).unlink(missing_ok=True)
@@ -87,15 +88,19 @@ class ProcessCache:
     clients and messages from one process, which then share one base model as in the embedded runtime
     (each client loads its own adapter into it before it works). A deployment's process starts empty.
 
-    One value per kind (``node``, ``backbone``, ...): asking for another key replaces it.
+    One value per kind (``node-<client>``, ``backbone``, ...): asking for another key replaces it.
     """
 
     def __init__(self) -> None:
         self._kept: dict[str, tuple[Any, Any]] = {}
+        self.seconds: dict[str, float] = {}  # kind -> seconds spent building its values, in all
+
 
     def get(self, kind: str, key: Any, build: Callable[[], Any]) -> Any:
         found = self._kept.get(kind)
         if found is None or found[0] != key:
             self._kept.pop(kind, None)  # let the old value go before the new one is built
+            started = time.perf_counter()
             self._kept[kind] = (key, build())
+            self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - started
         return self._kept[kind][1]

@@ -22,6 +22,7 @@ def serve(grid, context) -> None:
     cfg, out, nodes = open_run(grid, run_config)
     mode = split if cfg.storage.k is not None else plain
     with begun(out, dump(cfg)):
+        nodes.log_to = out / "messages.jsonl"  # each message's times and bytes (Nodes._logged)
         task = (FedPAServer(cfg, out) if cfg.model.backbone == "ctr"
                 else RankingServer(cfg, out, bool(run_config.get("collect-adapters", True))))
         mode.serve(cfg, run_config, out, nodes, started, task)
