@@ -223,8 +223,10 @@ def test_flower_up_with_tls_and_auth_starts_a_secured_deployment_and_stops_on_ct
 
     home = tmp_path / "flower"
     env = {**os.environ, "FELLREC_CACHE": str(tmp_path / "cache")}
+    # SIGINT as in a terminal: a suite started in the background (`cmd &`) ignores it, and children inherit that
     proc = subprocess.Popen([sys.executable, "-m", "fellrec", "flower", "up", "--clients", "2", "--tls", "--auth",
-                             "--home", str(home)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                             "--home", str(home)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     try:
         for line in proc.stdout:

@@ -268,9 +268,10 @@ class LocalDeployment:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in procs:
+        end = time.monotonic() + 15  # for them all: a SuperNode that hangs in its exit handler (e.g. on a
+        for p in procs:              # loaded machine) is killed, not waited for one by one
             try:
-                p.wait(timeout=15)
+                p.wait(timeout=max(0.1, end - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
