@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -58,6 +59,31 @@ def parts(row: dict) -> dict[str, float]:
             "build": row["build"], "model": row["model"], "work": row["work"],
             "reply": handler - row["build"] - row["model"] - row["work"],
             "back": row["pulled"] - row["returned"]}
+
+
+def cpu_use(dep) -> dict[str, float]:
+    """CPU seconds used so far by the deployment's processes, by kind: the clients' workers; each
+    SuperExec with the processes it started and reaped (the ClientApps; on the SuperLink's side the
+    ServerApp); the SuperNodes; the SuperLink."""
+    import collections
+    import os
+
+    import psutil
+
+    groups = {os.getpgid(p.pid) for p in [dep.link, *dep.nodes.values()]} | deploy._groups_below(dep.link.pid)
+    use: collections.Counter = collections.Counter()
+    for q in psutil.process_iter():
+        try:
+            if os.getpgid(q.pid) not in groups:
+                continue
+            t, cmd = q.cpu_times(), q.cmdline()
+        except (psutil.Error, OSError):
+            continue
+        program = Path(cmd[1] if len(cmd) > 1 and Path(cmd[0]).name.startswith("python") else cmd[0]).name
+        kind = "workers" if "fellrec.runtime.flower.worker" in cmd else next(
+            (k for k in ("superlink", "supernode", "superexec", "serverapp", "clientapp") if k in program), program)
+        use[kind] += t.user + t.system + t.children_user + t.children_system
+    return dict(use)
 
 
 def flower_run(dep, cfg, tmp: Path, name: str, federation_config: str | None = None) -> tuple[float, Path]:
@@ -127,9 +153,13 @@ def main() -> None:
             up = time.perf_counter() - started
             totals["deployment"], outs["deployment"] = flower_run(dep, cfg, tmp, "deployment")
             threads = dep.threads
+            used, held = cpu_use(dep), time.perf_counter() - started
         rounds["deployment"] = round_times(outs["deployment"])
         print(f"deployment: started in {up:.1f} s; worker {'off' if args.no_worker else 'on'}, {threads} "
               f"thread(s) per client, SuperExec poll {args.task_poll} s", flush=True)
+        print(f"deployment: CPU seconds while it was up ({held:.0f} s, {held * (os.cpu_count() or 1):.0f} CPU-s "
+              "on this machine): " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(used.items(), key=lambda kv: -kv[1]))
+              + " (a SuperExec's figure includes the ClientApp or ServerApp processes it started)", flush=True)
     if "simulation" not in args.skip:
         deploy.require_ray()
         with deploy.SimulationDeployment(tmp / "simulation", clients, client_cpus=args.client_cpus) as dep:
