@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 from flwr.app import Context, Message, RecordDict
 
 from fellrec import build
@@ -22,17 +23,9 @@ from fellrec.runtime.flower.state import CONFIG_KEY, ProcessCache, client_id, st
 
 CACHE = ProcessCache()  # what this process keeps across the messages it serves
 
-# message type -> what the client does with it
-WORK = {
-    "query": lambda node, msg: node.setup(msg),
-    "query.split": lambda node, msg: node.public(msg),  # split mode: what the server computed for the client
-    "train": lambda node, msg: node.fit(msg),
-    "train.split": lambda node, msg: node.fit(msg),  # split mode: the same exchange, one message further
-    "evaluate": lambda node, msg: node.evaluate(msg),
-    "evaluate.split": lambda node, msg: node.evaluate(msg),
-    "evaluate.test": lambda node, msg: node.test(msg),
-    "evaluate.test_split": lambda node, msg: node.test(msg),
-}
+# message type -> the client's method that answers it (split mode: ".split" types, one message further)
+WORK = {"query": "setup", "query.split": "public", "train": "fit", "train.split": "fit", "evaluate": "evaluate",
+        "evaluate.split": "evaluate", "evaluate.test": "test", "evaluate.test_split": "test"}
 
 
 def set_threads(context: Context) -> None:
@@ -40,8 +33,6 @@ def set_threads(context: Context) -> None:
     runs several SuperNodes gives each a share of its cores)."""
     value = context.node_config.get("threads")
     if value is not None:
-        import torch
-
         n = int(value)
         if n < 1:
             raise ValueError(f"node config threads={value}: must be at least 1")
@@ -74,7 +65,7 @@ def handle(msg: Message, context: Context) -> tuple[RecordDict, dict[str, float]
     t0, m0 = time.perf_counter(), model_seconds()
     node = node_for(context)
     t1, m1 = time.perf_counter(), model_seconds()
-    content = work(node, msg)
+    content = getattr(node, work)(msg)
     node.saved_caches()
     t2, m2 = time.perf_counter(), model_seconds()
     return content, {"build": (t1 - t0) - (m1 - m0), "model": m2 - m0, "work": (t2 - t1) - (m2 - m1)}

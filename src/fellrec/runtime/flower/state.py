@@ -95,7 +95,6 @@ class ProcessCache:
         self._kept: dict[str, tuple[Any, Any]] = {}
         self.seconds: dict[str, float] = {}  # kind -> seconds spent building its values, in all
 
-
     def get(self, kind: str, key: Any, build: Callable[[], Any]) -> Any:
         found = self._kept.get(kind)
         if found is None or found[0] != key:

@@ -18,8 +18,8 @@ that dies while it works is started again once for the same message.
 Every reply carries a ``timing`` MetricRecord (``TIMING``): when the ClientApp's process was created,
 when its handler was called and returned (seconds since the epoch, this machine's clock), the
 seconds spent building the client, building the base model, and working, and the worker's process
-id (0 without one). The ServerApp writes them
-with its own send and receive times to the run folder's ``messages.jsonl``.
+id (0 without one). The ServerApp writes them with its own send and receive times to the run
+folder's ``messages.jsonl``.
 
 This module imports only the standard library and Flower: it runs in every ClientApp process.
 """
@@ -127,7 +127,7 @@ def ask(msg: Message, context: Context) -> tuple[RecordDict, dict[str, float]]:
                 send(conn, header, request)
                 reply, body = receive(conn)
             break
-        except (ConnectionError, OSError):
+        except OSError:  # the worker went away (connection refused, reset or closed)
             if attempt == 2:
                 raise WorkerFailed(f"client {client_id(context)}'s worker exited twice while it handled a "
                                    f"{msg.metadata.message_type} message; see {log_path(context)}") from None
