@@ -6,15 +6,20 @@ delivers each message to the ClientApp at once (and can make a node vanish). The
 Flower processes (a local deployment, the simulation engine) are in tests/runtime/flower/test_flower_deploy.py.
 """
 
+import contextlib
 import gc
 import json
 import os
+import re
 import sys
+import threading
+import time
 import uuid
 import weakref
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
@@ -502,27 +507,47 @@ def test_split_item_tokens_over_flower_reproduce_the_embedded_split_run(tmp_path
 
 
 def _workers():
-    import psutil
-
-    return [p for p in psutil.Process().children(recursive=True)
-            if "fellrec.runtime.flower.worker" in " ".join(p.cmdline())]
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # one killed a moment ago may be a zombie
+            if "fellrec.runtime.flower.worker" in " ".join(p.cmdline()):
+                found.append(p)
+    return found
 
 
 @pytest.mark.slow
 def test_workers_keep_clients_between_messages_and_a_killed_one_changes_nothing(tmp_path, embedded):
     """worker=true: each client's messages go to one process that outlives them (issue 17 §2). Killing
-    every worker after client 1's first training message (mid-round) starts new ones from the disk."""
+    every worker after client 1's first training message (mid-round) starts new ones from the disk; so does
+    killing client 2's worker while it works on a message of round 2 (the ClientApp asks a new one)."""
     nodes = {100 + i: {"client-id": i, "state-dir": str(tmp_path / f"state-{i}"), "worker": "true",
                        "worker-idle-s": 120} for i in range(3)}
-    killed = []
+    killed, busy_killed, trains = [], [], []
 
     def kill_workers(grid, msg):
-        if msg.metadata.message_type == "train" and grid.nodes[msg.metadata.dst_node_id]["client-id"] == 1 \
-                and not killed:
+        if msg.metadata.message_type != "train":
+            return
+        client = grid.nodes[msg.metadata.dst_node_id]["client-id"]
+        trains.append(client)
+        if client == 1 and not killed:
             killed.extend(_workers())
             for p in killed:
                 p.kill()
                 p.wait()
+        elif client == 2 and trains.count(2) == 2:  # round 2: kill its worker while it holds a message
+            threading.Thread(target=kill_the_busy_worker, daemon=True).start()
+
+    def kill_the_busy_worker():  # the clients' messages run at once: find client 2's worker by its log
+        log = (tmp_path / "state-2" / "worker-client-2.log").read_text()
+        worker = psutil.Process(int(re.findall(r"worker (\d+) listening", log)[-1]))
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            with contextlib.suppress(psutil.Error):
+                if len(worker.net_connections(kind="unix")) >= 2:  # listening, and connected to the ClientApp
+                    worker.kill()
+                    busy_killed.append(worker.pid)
+                    return
+            time.sleep(0.005)
 
     cfg = load_config(None, [*THREE, "train.algorithm=fedavg", "name=fedavg"])
     try:
@@ -536,14 +561,20 @@ def test_workers_keep_clients_between_messages_and_a_killed_one_changes_nothing(
         assert {p.pid for p in killed} == {int(r["worker"]) for r in rows if r["type"] == "query"} and len(killed) == 3
         for c in ("0", "1", "2"):
             pids = [int(r["worker"]) for r in rows if r["client"] == c]
-            assert len(set(pids)) == 2  # one worker before the kill, one after
+            # one worker before the kill, one after; client 2's second was killed while it worked in round 2
+            assert len(set(pids)) == (3 if c == "2" else 2)
             assert pids == sorted(pids, key=pids.index)  # ... and each served a run of messages in a row
+        assert len(busy_killed) == 1 and busy_killed[0] in {int(r["worker"]) for r in rows if r["client"] == "2"}
+        last = max(r["pulled"] for r in rows if int(r["worker"]) == busy_killed[0])  # its last reply
+        after = [r for r in rows if r["client"] == "2" and r["pushed"] >= last]
+        assert after and all(int(r["worker"]) not in busy_killed + [p.pid for p in killed] for r in after)
+        assert (tmp_path / "state-2" / "worker-client-2.log").read_text().count("listening on") == 3
         for r in rows:  # the times are in order, and the parts fit in the time the message took
             assert r["pushed"] <= r["called"] <= r["returned"] <= r["pulled"]
             assert 0 <= r["build"] + r["model"] + r["work"] <= r["returned"] - r["called"] + 1e-6
             assert r["bytes_received"] > 0 and (r["bytes_sent"] > 0) == (r["type"] != "query")  # setup sends nothing
-        trained = [r for r in rows if r["type"] == "train"]
-        assert all(r["model"] == 0 for r in trained if r["round"] == "fit-2")  # the worker kept the model
+        for pid in {r["worker"] for r in rows}:  # a worker builds the base model for its first message only
+            assert all(r["model"] == 0 for r in [r for r in rows if r["worker"] == pid][1:] if r["type"] == "train")
     finally:
         for p in _workers():
             p.kill()

@@ -122,6 +122,7 @@ def ask(msg: Message, context: Context) -> tuple[RecordDict, dict[str, float]]:
     header = {"run_config": dict(context.run_config), "node_config": dict(context.node_config)}
     for attempt in (1, 2):
         conn = connect(context)
+        peer = _peer(conn)
         try:
             with conn:
                 send(conn, header, request)
@@ -131,6 +132,7 @@ def ask(msg: Message, context: Context) -> tuple[RecordDict, dict[str, float]]:
             if attempt == 2:
                 raise WorkerFailed(f"client {client_id(context)}'s worker exited twice while it handled a "
                                    f"{msg.metadata.message_type} message; see {log_path(context)}") from None
+            _wait_gone(peer)  # a killed worker's socket accepts connections until the kernel has torn it down
     if not reply.get("ok"):
         raise WorkerFailed(reply.get("error", "the worker failed"))
     proto = RecordDictProto()
@@ -169,6 +171,34 @@ def connect(context: Context) -> socket.socket:
                                    f"{START_TIMEOUT_S:.0f} s; see {log}")
             time.sleep(0.05)
         return conn
+
+
+def _peer(conn: socket.socket) -> int:
+    """The process id at the other end of a Unix socket (Linux's SO_PEERCRED), or 0 where unknown."""
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[0]
+    except (AttributeError, OSError):
+        return 0
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> None:
+    """Wait at most ``timeout`` s until process ``pid`` has exited and closed its files: gone, or a zombie
+    nobody reaped yet whose other threads are gone too (a killed process's first thread turns zombie while
+    the others, torch's among them, still hold its sockets open for a few milliseconds)."""
+    if not pid:
+        time.sleep(0.5)
+        return
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            threads = len(os.listdir(f"/proc/{pid}/task"))
+        except (OSError, IndexError):
+            return
+        if state in ("Z", "X") and threads <= 1:
+            return
+        time.sleep(0.01)
 
 
 def _try(path: Path) -> socket.socket | None:
