@@ -282,7 +282,7 @@ def test_compare_pairs_seed_groups_seed_by_seed(tmp_path):
     text, _ = compare(sorted(tmp_path.iterdir()))
     assert "## Paired differences on the same test users" not in text  # every pair is within the seed groups
     rows = table_rows(text.split("## Paired differences over seeds")[1].split("##")[0])
-    assert rows[0][:8] == ["A", "B", "seeds", "users", "R@10 A − B", "95% CI", "", "seeds"]
+    assert rows[0][:10] == ["A", "B", "seeds", "users", "R@10 A − B", "95% CI", "", "seeds", "t CI over seeds", ""]
     a_mean = {u: np.mean([values["fedavg", s][u] for s in (7, 8, 9)]) for u in range(200)}
     b_mean = {u: np.mean([values["fedprox", s][u] for s in (7, 8, 9)]) for u in range(200)}
     want = paired_difference(a_mean, b_mean)  # the mean of differences is the difference of means
@@ -290,6 +290,9 @@ def test_compare_pairs_seed_groups_seed_by_seed(tmp_path):
     assert rows[2][:8] == ["alpha-fedavg-s*", "beta-fedprox-s*", "3", "200", f"{want.mean:+.4f}",
                            f"[{want.low:.4f}, {want.high:.4f}]", "*" if want.significant else "",
                            f"{min(each):+.4f} to {max(each):+.4f}"]
+    half = 4.302653 * np.std(each, ddof=1) / np.sqrt(3)  # Student's t over the 3 seeds, 2 df
+    assert rows[2][8] == f"[{np.mean(each) - half:.4f}, {np.mean(each) + half:.4f}]"
+    assert rows[2][9] == ("*" if abs(np.mean(each)) > half else "")
 
 
 def test_report_shows_intervals_and_warnings(tmp_path):

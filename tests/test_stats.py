@@ -79,3 +79,13 @@ def test_paired_over_seeds_by_hand():
     assert each == pytest.approx([2 / 3, 1 / 3])
     with pytest.raises(ValueError, match="as many runs of A as of B, got 2 and 1"):
         paired_over_seeds(a, b[:1])
+
+
+def test_over_seeds_is_students_t_interval_of_the_seeds_differences():
+    from fellrec.stats import over_seeds
+
+    low, high = over_seeds([0.1, 0.2, 0.3])  # mean 0.2, sd 0.1, t(0.975, 2 df) = 4.302653 from a table
+    assert low == pytest.approx(0.2 - 4.302653 * 0.1 / 3 ** 0.5, abs=1e-6)
+    assert high == pytest.approx(0.2 + 4.302653 * 0.1 / 3 ** 0.5, abs=1e-6)
+    assert over_seeds([0.05, 0.05]) == (0.05, 0.05)
+    assert all(np.isnan(over_seeds([0.1])))

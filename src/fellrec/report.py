@@ -632,8 +632,8 @@ def comparison_tables(runs: Sequence[Run], metric: str) -> list[tuple[str, tuple
     by_seed = seed_paired_rows(runs, [metric, *(["ndcg@10"] if metric != "ndcg@10" else [])])
     if by_seed[1]:
         out.append(("Paired differences over seeds (A − B of the users' seed-averaged values, 95% bootstrap "
-                    "CI over users; * = the interval excludes 0; then each seed's difference, min to max)",
-                    (*by_seed, 3)))
+                    "CI over users; * = the interval excludes 0; then each seed's difference, min to max, and "
+                    "the 95% Student-t interval of their mean over the seeds)", (*by_seed, 3)))
     out.append((f"{metric} per client (test)", client_rows(runs, metric)))
     return out
 
@@ -738,11 +738,11 @@ def seed_pairs(groups: Sequence[Sequence[Run]]) -> list[tuple[Sequence[Run], Seq
 
 def seed_paired_rows(runs: Sequence[Run], metrics: Sequence[str]) -> tuple[list[str], list[list[str]]]:
     """Every two seed groups on the same test set, over the seeds both ran (paired seed by seed)."""
-    from fellrec.stats import paired_over_seeds
+    from fellrec.stats import over_seeds, paired_over_seeds
 
     header = ["A", "B", "seeds", "users"]
     for m in metrics:
-        header += [f"{short(m)} A − B", "95% CI", "", "seeds"]
+        header += [f"{short(m)} A − B", "95% CI", "", "seeds", "t CI over seeds", ""]
     rows = []
     groups = seed_groups(runs)
     per_user = {id(r): read_test_users(r.path) for g in groups for r in g}
@@ -754,12 +754,14 @@ def seed_paired_rows(runs: Sequence[Run], metrics: Sequence[str]) -> tuple[list[
         cells, n = [], 0
         for m in metrics:
             if any(m not in a[s] or m not in b[s] for s in seeds):
-                cells += [MISSING, MISSING, "", MISSING]
+                cells += [MISSING, MISSING, "", MISSING, MISSING, ""]
                 continue
             d, each = paired_over_seeds([a[s][m] for s in seeds], [b[s][m] for s in seeds])
             n = max(n, d.n)
+            low, high = over_seeds(each)
             cells += [f"{d.mean:+.4f}", fmt_interval((d.low, d.high)), "*" if d.significant else "",
-                      f"{min(each):+.4f} to {max(each):+.4f}"]
+                      f"{min(each):+.4f} to {max(each):+.4f}", fmt_interval((low, high)),
+                      "*" if low > 0 or high < 0 else ""]
         rows.append([_group_name(ga), _group_name(gb), str(len(seeds)), str(n), *cells])
     return header, rows
 

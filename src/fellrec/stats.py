@@ -5,6 +5,8 @@
 - ``paired_difference``: the difference of two runs' means over the users both tested, with the
   bootstrap interval of the mean of the per-user differences (pairing removes the spread that the
   users share, so it separates runs that overlapping marginal intervals cannot);
+- ``paired_over_seeds`` and ``over_seeds``: the same for two algorithms run with the same seeds, with
+  the bootstrap over users of the seed-averaged differences and a Student-t interval over the seeds;
 - ``across_seeds``: mean and sample standard deviation of one number over runs that differ only in
   their seed.
 
@@ -80,6 +82,21 @@ def paired_over_seeds(a: Sequence[dict], b: Sequence[dict], **kw) -> tuple[Diffe
     d = per_seed.mean(axis=0)
     low, high = interval(d, **kw)
     return Difference(float(d.mean()), low, high, len(users)), per_seed.mean(axis=1).tolist()
+
+
+def over_seeds(each: Sequence[float], *, level: float = LEVEL) -> tuple[float, float]:
+    """(low, high) of the Student-t interval of the mean of each seed's mean difference (``each``, as
+    ``paired_over_seeds`` returns it). The seeds are the sample here, so the shift one training run gives
+    every user at once is in the interval, where the bootstrap over users holds the seeds' runs fixed;
+    with few seeds it is wide. (nan, nan) with fewer than two seeds."""
+    x = np.asarray(each, dtype=np.float64).reshape(-1)
+    if x.size < 2:
+        return float("nan"), float("nan")
+    sem = float(x.std(ddof=1)) / np.sqrt(x.size)
+    if sem == 0:
+        return float(x.mean()), float(x.mean())
+    low, high = stats.t.interval(level, df=x.size - 1, loc=float(x.mean()), scale=sem)
+    return float(low), float(high)
 
 
 def across_seeds(values: Sequence[float]) -> tuple[float, float]:
