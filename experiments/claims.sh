@@ -8,6 +8,8 @@
 #   experiments/claims.sh split      FELLRec with LoRA on the last 8 blocks, unsplit and split at k = 8
 #   experiments/claims.sh noniid     FedAvg, FELLRec, Local over Dirichlet clients, alpha 0.1, 1, 10 (§3)
 #   experiments/claims.sh crossdomain  the genre federation of configs/crossdomain-genres.yaml (§5)
+#   experiments/claims.sh crossdomain-private  FedAvg and FELLRec there with the item vectors kept on the client
+#   experiments/claims.sh fedprox    FedProx's mu: 1e-6, 1e-4, 1e-3 (0.01 is in `loo`)
 # Each run is about 4 minutes here (2 cores, one run at a time); 25 runs take about 1 h 40 min. Every command
 # resumes: run a part again and it skips the finished runs and continues one that was cut short.
 # SEEDS="2024 2025" experiments/claims.sh loo  runs fewer seeds; FELLREC=... picks the command.
@@ -55,5 +57,16 @@ case "${1:-}" in
     for s in $SEEDS; do
       "$FELLREC" run configs/crossdomain-genres.yaml --resume --quiet --set name=crossdomain-genres-s$s --set seed=$s
     done ;;
-  *) sed -n '2,13p' "$0"; exit 2 ;;
+  crossdomain-private)
+    for s in $SEEDS; do
+      "$FELLREC" run configs/crossdomain-genres.yaml --resume --quiet --set name=crossdomain-private-s$s --set seed=$s \
+          --set "algorithms=[fedavg, fellrec]" --set model.item_vectors=private
+    done ;;
+  fedprox)
+    for s in $SEEDS; do
+      for mu in 1e-6 1e-4 1e-3; do
+        run --set name=claims-loo-mu$mu-s$s --set seed=$s --set "algorithms=[fedprox]" --set train.prox_mu=$mu
+      done
+    done ;;
+  *) sed -n '2,15p' "$0"; exit 2 ;;
 esac

@@ -127,3 +127,42 @@ def test_shipped_configs_load(path):
     text = path.read_text()
     assert text.startswith("#"), "every shipped config opens with a comment saying what it runs"
     load_config(path)
+
+
+PARTS = ["loo", "ablation", "temporal", "lora", "attention", "split", "noniid", "crossdomain",
+         "crossdomain-private", "fedprox"]
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_every_command_of_the_claims_experiments_makes_a_valid_config(tmp_path, part):
+    """experiments/claims.sh (docs/RESULTS.md's commands): each run it would start, recorded by a stand-in
+    for `fellrec`, loads with its --set overrides, and runs under its own name."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    record = tmp_path / "calls.jsonl"
+    fake = tmp_path / "fellrec"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"open({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    fake.chmod(0o755)
+    subprocess.run(["bash", str(ROOT / "experiments" / "claims.sh"), part], cwd=ROOT, check=True,
+                   env={**os.environ, "FELLREC": str(fake), "SEEDS": "2024 2025"})
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert calls and all(c[:1] == ["run"] and "--resume" in c for c in calls)
+    names = []
+    for c in calls:
+        sets = [c[i + 1] for i, a in enumerate(c) if a == "--set"]
+        cfg = load_config(ROOT / c[1], sets)
+        assert str(cfg.seed) in cfg.name and cfg.seed in (2024, 2025)
+        names.append((cfg.name, tuple(cfg.algorithms)))
+    assert len(set(names)) == len(names)  # no run started twice
+
+
+def test_the_claims_experiments_refuse_an_unknown_part():
+    import subprocess
+
+    out = subprocess.run(["bash", str(ROOT / "experiments" / "claims.sh"), "nope"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and "experiments/claims.sh fedprox" in out.stdout
