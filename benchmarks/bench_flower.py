@@ -4,12 +4,15 @@ runtime, on a local deployment (one SuperLink, one SuperNode per client on 127.0
 simulation engine; one run each.
 
     .venv/bin/python benchmarks/bench_flower.py                         # 2 rounds of the demo's 25 steps
+    .venv/bin/python benchmarks/bench_flower.py --rounds 3              # what the runs of BENCHMARKS.md used
     .venv/bin/python benchmarks/bench_flower.py --rounds 1 --steps 5    # quicker
     .venv/bin/python benchmarks/bench_flower.py --no-worker --threads 2 --skip simulation
                                                                         # the deployment as it was before
                                                                         # issue 17: a client per message
 
-Round times come from each run's metrics.jsonl (``time_s`` after each round, validation included). The
+Round times come from each run's metrics.jsonl (``time_s`` after each round: the embedded runtime's include
+the round's validation; over Flower a round's validation goes with the next round's training messages, so
+there round r's time holds round r - 1's validation; compare the rounds in all, the last row). The
 per-message figures come from the Flower runs' messages.jsonl (``fellrec.runtime.flower.nodes``): for each
 message the ServerApp's push and pull times and the ClientApp's ``timing`` record, split into
 
@@ -172,6 +175,9 @@ def main() -> None:
         e = embedded[i]
         print(f"{i + 1:>6}" + "".join(f"{v[i]:>14.1f}" for v in rounds.values()) +
               "".join(f"{v[i] / e:>18.2f}" for k, v in rounds.items() if k != "embedded"))
+    whole = {k: sum(v) for k, v in rounds.items()}
+    print(f"{'all':>6}" + "".join(f"{v:>14.1f}" for v in whole.values()) +
+          "".join(f"{v / whole['embedded']:>18.2f}" for k, v in whole.items() if k != "embedded"))
     print("whole run (setup, rounds, test): " + ", ".join(f"{k} {v:.1f} s" for k, v in totals.items()))
     for label, out in outs.items():
         print()

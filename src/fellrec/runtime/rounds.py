@@ -6,6 +6,11 @@
     every eval.every rounds and after the last: each client validates strategy.configure_evaluate(client)
     one line to metrics.jsonl, then a checkpoint
 
+Clients that can validate and train in one exchange (Flower's: ``fit_validated``) get a round's
+validation with the next round's training messages, one message per client and round fewer; the round's
+line is then written when its validation comes back, and the checkpoint keeps it until then. The last
+round, and any round when only some clients train next, validate on their own.
+
 Bytes are the size of the safetensors serialisation of the tensors that travel (what a real
 transport carries; the Flower runtime sends the same tensors). After a crash, ``run`` continues from
 the last checkpoint: the round in progress is repeated from its start, and since a client's round is
@@ -47,7 +52,9 @@ def clients_for_round(clients: list[str], fraction: float, seed: int, rnd: int) 
 
 class Clients(Protocol):
     """Where the clients' work is done: in this process (``fellrec.runtime.embedded``) or on Flower's
-    SuperNodes (``fellrec.runtime.flower.runtime``)."""
+    SuperNodes (``fellrec.runtime.flower.runtime``). Clients that can also do a round's training and
+    the previous round's validation in one exchange have ``fit_validated(rnd, payloads, checked, checks)
+    -> (updates, validation)``; the rounds then use it (see the module's docstring)."""
 
     training: list[str]  # the clients a round draws from (centralized: the one pooled trainer)
     validating: list[str]  # the clients that validate
@@ -77,6 +84,7 @@ class Rounds:
         self.elapsed = 0.0  # seconds spent in rounds, over every process that worked on this run
         self.restored_elapsed = 0.0  # the part of it spent before this process resumed the run
         self.done = 0  # rounds finished
+        self.pending: dict[str, Any] | None = None  # a finished round's record, waiting for its validation
 
     @property
     def log_path(self) -> Path:
@@ -84,6 +92,12 @@ class Rounds:
 
     def is_eval_round(self, rnd: int) -> bool:
         return rnd == self.rounds or (self.every > 0 and rnd % self.every == 0)
+
+    def folds(self, rnd: int) -> bool:
+        """Whether round ``rnd``'s validation travels with round ``rnd + 1``'s training: the clients do
+        both in one message, and every client that validates trains in the next round."""
+        return (rnd < self.rounds and hasattr(self.clients, "fit_validated") and self.fraction >= 1.0
+                and set(self.clients.validating) <= set(self.clients.training))
 
     def run(self) -> None:
         """Run (or continue) every round."""
@@ -94,11 +108,15 @@ class Rounds:
         bar = tqdm(total=self.rounds, initial=self.done, desc="rounds", unit="round", disable=not self.progress)
         for rnd in range(self.done + 1, self.rounds + 1):
             record = self.train_round(rnd)
-            if self.is_eval_round(rnd):
+            wait = self.is_eval_round(rnd) and self.folds(rnd)
+            if self.is_eval_round(rnd) and not wait:
                 record["valid"] = self.validate(rnd)
             self.elapsed = time.time() - started
             record["time_s"] = round(self.elapsed, 2)
-            self.log(record)
+            if wait:
+                self.pending = record
+            else:
+                self.log(record)
             self.done = rnd
             self.save()
             bar.update(1)
@@ -107,8 +125,16 @@ class Rounds:
 
     def train_round(self, rnd: int) -> dict[str, Any]:
         chosen = clients_for_round(list(self.clients.training), self.fraction, self.seed, rnd)
-        payloads = {client: self.strategy.configure_fit(rnd, client) for client in chosen}
-        updates = self.clients.fit(rnd, payloads)
+        if self.pending is not None:  # the last round's validation goes with this round's training
+            checks = {c: self.strategy.configure_evaluate(c) for c in self.clients.validating}
+            payloads = {client: self.strategy.configure_fit(rnd, client) for client in chosen}
+            updates, valid = self.clients.fit_validated(rnd, payloads, self.pending["round"], checks)
+            time_s = self.pending.pop("time_s")
+            self.log({**self.pending, "valid": valid, "time_s": time_s})
+            self.pending = None
+        else:
+            payloads = {client: self.strategy.configure_fit(rnd, client) for client in chosen}
+            updates = self.clients.fit(rnd, payloads)
         train, up, down = {}, {}, {}
         for client in chosen:
             update = updates[client]
@@ -144,7 +170,8 @@ class Rounds:
             tensors.update({f"client/{client}/{k}": v for k, v in t.items()})
             clients[client] = meta
         meta = {"round": self.done, "elapsed": self.elapsed, "bytes_up": self.bytes_up,
-                "bytes_down": self.bytes_down, "log_size": self.log_path.stat().st_size, "clients": clients}
+                "bytes_down": self.bytes_down, "log_size": self.log_path.stat().st_size, "clients": clients,
+                "pending": plain(self.pending)}
         save_checkpoint(self.run_dir, tensors, meta)
 
     def restore(self) -> None:
@@ -159,5 +186,6 @@ class Rounds:
         self.done, self.elapsed = meta["round"], meta["elapsed"]
         self.restored_elapsed = self.elapsed
         self.bytes_up, self.bytes_down = meta["bytes_up"], meta["bytes_down"]
+        self.pending = meta.get("pending")
         with open(self.log_path, "r+b") as fh:  # forget the lines of the round that was cut short
             fh.truncate(meta["log_size"])

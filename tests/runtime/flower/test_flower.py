@@ -216,9 +216,9 @@ def restart_client_1(message_type: str, state_dir):
     return crash
 
 
-def serve(cfg, run_dir, tmp_path, nodes=None, on_deliver=None):
+def serve(cfg, run_dir, tmp_path, nodes=None, on_deliver=None, **run_config):
     rc = {"fellrec-config": dump(cfg), "run-dir": str(run_dir), "poll-s": 0.0, "round-timeout": 60.0,
-          "wait-timeout": 5.0, "retries": 3, "collect-adapters": True}
+          "wait-timeout": 5.0, "retries": 3, "collect-adapters": True, **run_config}
     nodes = nodes or {100 + i: {"client-id": i, "state-dir": str(tmp_path / f"state-{i}")} for i in range(3)}
     grid = LocalGrid(rc, nodes, on_deliver)
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
@@ -247,8 +247,8 @@ def test_server_and_client_apps_reproduce_the_embedded_run(tmp_path, embedded, a
     cfg = load_config(None, [*THREE, f"train.algorithm={algorithm}", f"name={algorithm}"])
     grid = serve(cfg, tmp_path / "run", tmp_path)
     assert_same_run(tmp_path / "run", embedded[algorithm])
-    kinds = [k for k, _ in grid.delivered]
-    assert kinds.count("train") == kinds.count("evaluate") == 6 and kinds.count("evaluate.test") == 3
+    kinds = [k for k, _ in grid.delivered]  # round 1's validation went with round 2's training messages
+    assert kinds.count("train") == 6 and kinds.count("evaluate") == 3 and kinds.count("evaluate.test") == 3
     # each client kept its own state, on its own disk
     for i in range(3):
         (folder,) = (tmp_path / f"state-{i}").iterdir()
@@ -300,6 +300,34 @@ def test_a_client_error_fails_the_run_with_the_clients_message(tmp_path):
     nodes[102]["state-dir"] = str(tmp_path / "a-file")  # client 2 cannot keep its state there
     with pytest.raises(ClientFailed, match=r"query on client 2 \(node 102\) failed: .*NotADirectoryError"):
         serve(cfg, tmp_path / "run", tmp_path, nodes=nodes)
+
+
+class ServerDied(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_serverapp_that_dies_in_round_2_resumes_with_round_1s_validation_still_owed(tmp_path, embedded):
+    """Round 1's validation travels with round 2's training messages, so round 1's line waits in the
+    checkpoint. A ServerApp that dies once the clients have done that work (validated round 1, trained
+    round 2, written their state) resumes, sends the messages again and ends as the embedded run."""
+    from fellrec.runtime.checkpoint import load_checkpoint
+
+    def die(grid, msg):
+        if msg.metadata.message_type == "train" and int(msg.content["config"]["round"]) == 2:
+            assert msg.content["check"]["round"] == 1 and msg.content["check"]["same-arrays"]
+            raise ServerDied
+
+    cfg = load_config(None, [*THREE, "train.algorithm=fellrec", "name=fellrec"])
+    with pytest.raises(ServerDied):
+        serve(cfg, tmp_path / "run", tmp_path, on_deliver=die)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""  # round 1 is done, its line not yet
+    _, meta = load_checkpoint(tmp_path / "run")
+    assert meta["round"] == 1 and meta["pending"]["round"] == 1 and "valid" not in meta["pending"]
+    grid = serve(cfg, tmp_path / "run", tmp_path, resume=True)
+    assert_same_run(tmp_path / "run", embedded["fellrec"])
+    assert Counter(t for t, _ in grid.delivered) == {"query.whoami": 3, "query": 3, "train": 3, "evaluate": 3,
+                                                     "evaluate.test": 3}
 
 
 @pytest.mark.slow
@@ -468,7 +496,7 @@ def test_fedpa_over_flower_reproduces_the_embedded_run_through_a_restart(tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert res_f["runtime"]["messages_resent"] == 1  # client 1's first training, to its new node
     kinds = Counter(k for k, _ in grid.delivered)
-    assert (kinds["train"], kinds["evaluate"], kinds["evaluate.test"]) == (2 * 4 + 1, 2 * 4, 4)
+    assert (kinds["train"], kinds["evaluate"], kinds["evaluate.test"]) == (2 * 4 + 1, 4, 4)  # round 1 validated in 2
     # each user's private state is on its own disk: the foundation it was sent, its rounds
     for i in range(4):
         folder = next((tmp_path / f"state-{i}").glob("fedpa-*/client-*"))
@@ -556,7 +584,9 @@ def test_workers_keep_clients_between_messages_and_a_killed_one_changes_nothing(
         rows = [json.loads(x) for x in (tmp_path / "run" / "messages.jsonl").read_text().splitlines()]
         # every reply but whoami's is in messages.jsonl with its timing, and every one came from a worker
         assert sorted({r["type"] for r in rows}) == ["evaluate", "evaluate.test", "query", "train"]
-        assert len(rows) == 3 + 6 + 6 + 3
+        # setup, 2 rounds of training, the last round's validation (round 1's came with round 2's training), test
+        assert len(rows) == 3 + 6 + 3 + 3
+        assert sorted(r["round"] for r in rows if r["type"] == "evaluate") == ["evaluate-2"] * 3
         assert all(r["worker"] > 0 and r["worker"] != os.getpid() for r in rows)
         assert {p.pid for p in killed} == {int(r["worker"]) for r in rows if r["type"] == "query"} and len(killed) == 3
         for c in ("0", "1", "2"):

@@ -110,7 +110,8 @@ def test_a_real_deployment_reproduces_the_embedded_fellrec_run(deployment, embed
     assert_same_run(tmp_path / "run", embedded[algorithm])
     # every message went to its client's worker (fellrec flower up's default), one worker per client
     rows = [json.loads(x) for x in (tmp_path / "run" / "messages.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 + 6 + 6 + 3 and all(r["worker"] > 0 for r in rows)
+    # setup, two rounds of training (round 2's carrying round 1's validation), round 2's validation, test
+    assert len(rows) == 3 + 6 + 3 + 3 and all(r["worker"] > 0 for r in rows)
     assert {c: len({r["worker"] for r in rows if r["client"] == c}) for c in "012"} == dict.fromkeys("012", 1)
     # a ClientApp process per message, created after the message was sent
     assert all(r["pushed"] < r["created"] < r["called"] <= r["returned"] < r["pulled"] for r in rows)

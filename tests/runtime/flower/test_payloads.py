@@ -27,7 +27,7 @@ RECORDS = {
     "query": {"arrays": "arrays", "metrics": "metrics", "info": "config"},
     "query.split": {"info": "config"},
     "train": {"arrays": "arrays", "metrics": "metrics", "info": "config", "split-requests": "arrays",
-              "split": "config"},
+              "split": "config", "validation": "metrics"},  # the previous round's validation, when it came along
     "train.split": {"arrays": "arrays", "metrics": "metrics", "info": "config", "split-requests": "arrays",
                     "split": "config"},
     "evaluate": {"metrics": "metrics", "info": "config", "split-requests": "arrays", "split": "config"},
@@ -90,7 +90,8 @@ def check_run(grid, *, ranking: bool, hidden: int | None = None, titles=None):
                 continue
             allowed = {"query": COUNTS, "train": TRAIN_METRICS, "train.split": TRAIN_METRICS,
                        "evaluate.test": {"best-round"}, "evaluate.test_split": {"best-round"}}.get(
-                kind, (RANKING | {"loss"}) if ranking else FEDPA_EVAL)
+                "evaluate" if name == "validation" else kind, (RANKING | {"loss"}) if ranking else FEDPA_EVAL)
+            seen.add(f"{kind}+{name}")
             assert set(record) <= allowed, (kind, sorted(set(record) - allowed))
         for name, record in content.config_records.items():
             assert set(record) <= (SPLIT_CONFIG if name == "split" else INFO), (kind, name, dict(record))
@@ -111,7 +112,7 @@ def check_run(grid, *, ranking: bool, hidden: int | None = None, titles=None):
 def test_plain_mode_replies_hold_only_what_is_declared(tmp_path):
     grid = serve(load_config(None, [*THREE, "train.algorithm=fedavg", "name=plain"]), tmp_path / "run", tmp_path)
     seen = check_run(grid, ranking=True)
-    assert {"query.whoami", "query", "train", "evaluate", "evaluate.test"} <= seen
+    assert {"query.whoami", "query", "train", "train+validation", "evaluate", "evaluate.test"} <= seen
 
 
 @pytest.mark.slow
@@ -119,7 +120,7 @@ def test_fedpa_replies_hold_only_what_is_declared(tmp_path):
     nodes = {100 + i: {"client-id": i, "state-dir": str(tmp_path / f"state-{i}")} for i in range(4)}
     grid = serve(load_config(None, FEDPA), tmp_path / "run", tmp_path, nodes=nodes)
     seen = check_run(grid, ranking=False)
-    assert {"query", "train", "evaluate", "evaluate.test"} <= seen
+    assert {"query", "train", "train+validation", "evaluate", "evaluate.test"} <= seen
     trained = [c.array_records["arrays"] for r, c in grid.replies if r.metadata.message_type == "train"]
     assert trained and not any(k.startswith(("own", "user")) for t in trained for k in t)  # the user's own stay
 
@@ -131,6 +132,7 @@ def test_split_mode_replies_hold_only_what_is_declared(tmp_path):
     grid = serve(cfg, tmp_path / "run", tmp_path)
     seen = check_run(grid, ranking=True, hidden=64, titles=titles)
     assert {"train", "train.split", "evaluate.split", "evaluate.test_split"} <= seen
+    assert "train+validation" not in seen and "train.split+validation" not in seen  # split mode validates apart
 
 
 def test_the_checks_catch_what_a_client_must_not_send():

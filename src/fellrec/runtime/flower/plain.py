@@ -29,7 +29,15 @@ from fellrec.config import Config, config_from_text
 from fellrec.files import atomic, save_tensors
 from fellrec.rundir import finish
 from fellrec.runtime.flower.nodes import Nodes, setup
-from fellrec.runtime.flower.records import from_arrays, read_payload, read_test, test_content, to_arrays, update_content
+from fellrec.runtime.flower.records import (
+    from_arrays,
+    read_check,
+    read_payload,
+    read_test,
+    test_content,
+    to_arrays,
+    update_content,
+)
 from fellrec.runtime.flower.runtime import FlowerClients
 from fellrec.runtime.flower.state import CONFIG_KEY, ClientState, ProcessCache, run_key
 from fellrec.runtime.rounds import Rounds
@@ -121,18 +129,27 @@ class ClientNode:
 
     def fit(self, msg: Message) -> RecordDict:
         rnd, payload = read_payload(msg)
+        check = read_check(msg, payload)
+        if check is not None:  # the previous round's validation came with this message: first, as it was due
+            scores = self.validate(*check)
         self.start(rnd, FIT)
         update = self.trainer.fit(payload, rnd)
         self.done(rnd, FIT)
-        return update_content(self.client, update)
+        content = update_content(self.client, update)
+        if check is not None:
+            content["validation"] = MetricRecord({k: float(v) for k, v in scores.items()})
+        return content
 
     def evaluate(self, msg: Message) -> RecordDict:
-        rnd, payload = read_payload(msg)
+        scores = self.validate(*read_payload(msg))
+        return RecordDict({"metrics": MetricRecord({k: float(v) for k, v in scores.items()}),
+                           "info": ConfigRecord({"client-id": self.client})})
+
+    def validate(self, rnd: int, payload) -> dict[str, float]:
         self.start(rnd, EVAL)
         scores = self.trainer.evaluate(payload, rnd)
         self.done(rnd, EVAL)
-        return RecordDict({"metrics": MetricRecord({k: float(v) for k, v in scores.items()}),
-                           "info": ConfigRecord({"client-id": self.client})})
+        return scores
 
     def test(self, msg: Message) -> RecordDict:
         rounds = int(msg.content["config"]["round"])

@@ -39,6 +39,29 @@ def read_payload(msg: Message) -> tuple[int, Payload]:
     return rnd, Payload(from_arrays(msg.content["arrays"]), config)
 
 
+def checked_content(rnd: int, payload: Payload, checked: int, check: Payload) -> RecordDict:
+    """Round ``rnd``'s training payload with round ``checked``'s validation payload (``check``) in one
+    message: its config as ``check``, its tensors as ``check-arrays`` unless they equal the training
+    payload's (they usually do: the adapter the client trains from is the one it validates)."""
+    content = payload_content(rnd, payload)
+    same = check.tensors.keys() == payload.tensors.keys() and all(
+        torch.equal(check.tensors[k], payload.tensors[k]) for k in check.tensors)
+    content["check"] = config_record({**check.config, "round": checked, "same-arrays": same})
+    if not same:
+        content["check-arrays"] = to_arrays(check.tensors)
+    return content
+
+
+def read_check(msg: Message, payload: Payload) -> tuple[int, Payload] | None:
+    """(round, validation payload) of a training message that carries its previous round's validation."""
+    if "check" not in msg.content:
+        return None
+    config = dict(msg.content["check"])
+    rnd, same = int(config.pop("round")), bool(config.pop("same-arrays"))
+    tensors = {k: v.clone() for k, v in payload.tensors.items()} if same else from_arrays(msg.content["check-arrays"])
+    return rnd, Payload(tensors, config)
+
+
 def update_content(client: str, update: ClientUpdate) -> RecordDict:
     metrics = {k: float(v) for k, v in update.metrics.items()}
     return RecordDict({"arrays": to_arrays(update.tensors),

@@ -18,7 +18,7 @@ from fellrec.config import Config, config_from_text
 from fellrec.errors import ConfigError
 from fellrec.rundir import is_finished, is_resumable
 from fellrec.runtime.flower.nodes import Nodes
-from fellrec.runtime.flower.records import payload_content, read_update
+from fellrec.runtime.flower.records import checked_content, payload_content, read_update
 from fellrec.runtime.flower.state import CONFIG_KEY
 from fellrec.strategies import ClientUpdate, Payload
 
@@ -41,6 +41,18 @@ class FlowerClients:
         contents = {c: (lambda p=p: payload_content(rnd, p)) for c, p in payloads.items()}
         replies = self.exchange("train", contents, group=f"fit-{rnd}")
         return {c: read_update(c, replies[c]) for c in payloads}
+
+    def fit_validated(self, rnd: int, payloads: dict[str, Payload], checked: int,
+                      checks: dict[str, Payload]) -> tuple[dict[str, ClientUpdate], dict[str, dict[str, float]]]:
+        """Round ``rnd``'s training with round ``checked``'s validation in the same messages (each client
+        validates first): the updates, and each client's validation as ``evaluate`` gives it."""
+        if not set(checks) <= set(payloads):
+            raise ValueError(f"clients {sorted(set(checks) - set(payloads))} validate but do not train in round {rnd}")
+        contents = {c: (lambda c=c: checked_content(rnd, payloads[c], checked, checks[c]) if c in checks
+                        else payload_content(rnd, payloads[c])) for c in payloads}
+        replies = self.exchange("train", contents, group=f"fit-{rnd}")
+        updates = {c: read_update(c, replies[c]) for c in payloads}
+        return updates, {c: {k: float(v) for k, v in replies[c].content["validation"].items()} for c in checks}
 
     def evaluate(self, rnd: int, payloads: dict[str, Payload]) -> dict[str, dict[str, float]]:
         contents = {c: (lambda p=p: payload_content(rnd, p)) for c, p in payloads.items()}
