@@ -69,7 +69,6 @@ def cpu_use(dep) -> dict[str, float]:
     SuperExec with the processes it started and reaped (the ClientApps; on the SuperLink's side the
     ServerApp); the SuperNodes; the SuperLink."""
     import collections
-    import os
 
     import psutil
 

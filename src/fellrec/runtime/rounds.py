@@ -125,15 +125,14 @@ class Rounds:
 
     def train_round(self, rnd: int) -> dict[str, Any]:
         chosen = clients_for_round(list(self.clients.training), self.fraction, self.seed, rnd)
-        if self.pending is not None:  # the last round's validation goes with this round's training
-            checks = {c: self.strategy.configure_evaluate(c) for c in self.clients.validating}
-            payloads = {client: self.strategy.configure_fit(rnd, client) for client in chosen}
-            updates, valid = self.clients.fit_validated(rnd, payloads, self.pending["round"], checks)
-            time_s = self.pending.pop("time_s")
-            self.log({**self.pending, "valid": valid, "time_s": time_s})
-            self.pending = None
+        pending, self.pending = self.pending, None  # a last round whose validation goes with this training
+        checks = {c: self.strategy.configure_evaluate(c) for c in self.clients.validating} if pending else None
+        payloads = {client: self.strategy.configure_fit(rnd, client) for client in chosen}
+        if pending:
+            updates, valid = self.clients.fit_validated(rnd, payloads, pending["round"], checks)
+            self.log({**{k: v for k, v in pending.items() if k != "time_s"}, "valid": valid,
+                      "time_s": pending["time_s"]})
         else:
-            payloads = {client: self.strategy.configure_fit(rnd, client) for client in chosen}
             updates = self.clients.fit(rnd, payloads)
         train, up, down = {}, {}, {}
         for client in chosen:

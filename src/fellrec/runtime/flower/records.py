@@ -58,8 +58,7 @@ def read_check(msg: Message, payload: Payload) -> tuple[int, Payload] | None:
         return None
     config = dict(msg.content["check"])
     rnd, same = int(config.pop("round")), bool(config.pop("same-arrays"))
-    tensors = {k: v.clone() for k, v in payload.tensors.items()} if same else from_arrays(msg.content["check-arrays"])
-    return rnd, Payload(tensors, config)
+    return rnd, Payload(payload.tensors if same else from_arrays(msg.content["check-arrays"]), config)
 
 
 def update_content(client: str, update: ClientUpdate) -> RecordDict:
