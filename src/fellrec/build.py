@@ -127,7 +127,6 @@ def _backbone(cfg: Config, titles: list[str], dataset: str) -> BIGRec | TextRank
             model = SplitLM(model, cfg.storage.k, cfg.storage.tail)
         except ValueError as err:
             raise ConfigError(f"storage.k: {err}") from None
-        model.server.grad_clip = cfg.train.grad_clip
     key = model_id(model_cfg.name_or_path, cfg.seed)
     if model_cfg.backbone == "item-tokens":
         try:

@@ -82,7 +82,7 @@ class AdapterTrainer:
         split_before = (0, 0)
         if is_split(model):  # the server trains the trunk's adapter with its own optimizer, step for step
             model.reset_trunk_optimizer(lambda ps: make_optimizer(ps, t, self.steps_per_round, warmup=rnd == 1))
-            optimizer = WithTrunk(optimizer, model.step_trunk)
+            optimizer = WithTrunk(optimizer, model, t.grad_clip)
             split_before = (model.transport.bytes_up, model.transport.bytes_down)
         loss = self.backbone.loss
         mu = float(payload.config.get("prox_mu", 0.0))
@@ -92,7 +92,8 @@ class AdapterTrainer:
         if len(self.train) and self.steps_per_round:
             losses = train_steps(model, loss, self.train, steps=self.steps_per_round,
                                  sampler=BatchSampler(len(self.train), t.batch_size, seed), optimizer=optimizer,
-                                 scheduler=scheduler, grad_clip=t.grad_clip, on_step=on_step, hook=hook)
+                                 scheduler=scheduler, grad_clip=0.0 if is_split(model) else t.grad_clip,
+                                 on_step=on_step, hook=hook)
         self.private = read_full(model)
         shared = {}
         if payload.config.get("share", True):
@@ -206,17 +207,32 @@ def read_full(model) -> Tensors:
 
 
 class WithTrunk:
-    """The client's optimizer, followed at every step by the server's step of the trunk adapter."""
+    """The client's optimizer, followed at every step by the server's step of the trunk adapter.
 
-    def __init__(self, optimizer, step_trunk):
-        self.optimizer, self.step_trunk = optimizer, step_trunk
+    With ``grad_clip`` the gradient of the whole adapter (client part and trunk part) is clipped to
+    that norm, as ``torch.nn.utils.clip_grad_norm_`` does unsplit: the norm is the client's and the
+    trunk's together (the trunk's comes with its backward reply), and the step tells the server the
+    factor to multiply its part by."""
+
+    def __init__(self, optimizer, model, grad_clip: float = 0.0):
+        self.optimizer, self.model, self.grad_clip = optimizer, model, grad_clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self) -> None:
+        scale = None
+        if self.grad_clip > 0:
+            from fellrec.storage.trunk import squared_norm
+
+            total = (squared_norm(self.params) + self.model.trunk_sq_norm()).sqrt()
+            scale = (self.grad_clip / (total + 1e-6)).clamp(max=1.0).to(torch.float32)
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(scale.to(p.grad.device))
         self.optimizer.step()
-        self.step_trunk()
+        self.model.step_trunk(scale)
 
     def state_dict(self) -> dict:
         """The client's optimizer's state (the trunk's is the server's)."""

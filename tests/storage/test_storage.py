@@ -69,6 +69,36 @@ def test_split_gives_the_same_loss_and_gradients(k):
         assert torch.allclose(got[name], expected[name], atol=1e-5), name
 
 
+@pytest.mark.parametrize("k", [0, 2])
+def test_split_clips_the_whole_adapters_gradient_as_unsplit(k):
+    """One SGD step with clipping active: the split model (client and trunk stepping apart, the trunk's
+    squared norm in its backward reply, the factor in the step) ends where the whole model does."""
+    from fellrec.storage.model import SplitLM
+    from fellrec.trainer import WithTrunk
+
+    clip, lr = 0.05, 0.5
+    model, batch = setup()
+    params = adapter_parameters(model)
+    lm_loss(text.hidden(model, batch), text.lm_head(model), batch).backward()
+    norm = torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
+    assert norm > 4 * clip  # the clip is active
+    torch.optim.SGD(list(params.values()), lr=lr).step()
+    expected = {n: p.detach().clone() for n, p in params.items()}
+
+    model, batch = setup()
+    start = {n: p.detach().clone() for n, p in adapter_parameters(model).items()}
+    split = SplitLM(model, k)
+    split.reset_trunk_optimizer(lambda ps: torch.optim.SGD(ps, lr=lr))
+    optimizer = WithTrunk(torch.optim.SGD([p for p in split.parameters() if p.requires_grad], lr=lr), split, clip)
+    lm_loss(text.hidden(split, batch), text.lm_head(split), batch).backward()
+    optimizer.step()
+    got = adapter_parameters(model)  # the parts share the whole model's tensors in this process
+    assert set(split.trunk_names()) and set(split.adapter_parameters())  # both sides hold a part
+    for name, want in expected.items():
+        moved = (want - start[name]).abs().max()
+        assert torch.allclose(got[name], want, atol=1e-4 * float(moved) + 1e-9), name
+
+
 def test_client_part_holds_no_trunk_weights():
     model, _ = setup()
     client, trunk = cut(model, 2, tail=1)
@@ -128,8 +158,9 @@ def test_server_keeps_a_trunk_adapter_per_client():
 
 
 def test_split_run_trains_like_the_whole_model(tmp_path, monkeypatch):
-    """fellrec run with storage.k: same losses and metrics as the unsplit run (gradient clipping off:
-    the split clips the client's and the trunk's gradients apart), only the client's part travels."""
+    """fellrec run with storage.k: same losses and metrics as the unsplit run (with a gradient clip that
+    is active at every step: the split clips the whole adapter's gradient too), only the client's part
+    travels."""
     import json
 
     from fellrec.config import load_config
@@ -138,7 +169,7 @@ def test_split_run_trains_like_the_whole_model(tmp_path, monkeypatch):
     monkeypatch.setenv("FELLREC_CACHE", str(tmp_path / "cache"))
     sets = ["model.name_or_path=tiny-random", "partition.method=attribute", "partition.attribute=gender",
             "train.batch_size=4", "train.local_steps=2", "train.max_train_samples=32", "eval.max_valid_samples=8",
-            "eval.max_test_samples=20", "train.rounds=2", "train.algorithm=fellrec", "train.grad_clip=0",
+            "eval.max_test_samples=20", "train.rounds=2", "train.algorithm=fellrec", "train.grad_clip=0.05",
             "model.negatives=8"]
     whole = run(load_config(None, [*sets, "name=whole"]), tmp_path, progress=False)
     split = run(load_config(None, [*sets, "name=split", "storage.k=0"]), tmp_path, progress=False)
@@ -221,7 +252,7 @@ def test_split_item_token_run_trains_like_the_whole_model(tmp_path, monkeypatch)
     sets = ["model.name_or_path=tiny-random", "model.backbone=item-tokens", "partition.method=attribute",
             "partition.attribute=gender", "split.method=leave-one-out", "split.history_len=6",
             "split.train_stride=6", "train.batch_size=8", "train.local_steps=2", "eval.max_valid_samples=8",
-            "eval.max_test_samples=30", "train.rounds=2", "train.algorithm=fedavg", "train.grad_clip=0",
+            "eval.max_test_samples=30", "train.rounds=2", "train.algorithm=fedavg", "train.grad_clip=0.05",
             "train.lr=0.01"]
     whole = run(load_config(None, [*sets, "name=whole"]), tmp_path, progress=False)
     split = run(load_config(None, [*sets, "name=split", "storage.k=0"]), tmp_path, progress=False)

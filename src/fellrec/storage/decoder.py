@@ -37,6 +37,8 @@ class _Trunk(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         link = ctx.link
         reply = link.transport.send(Message("backward", link.client, ctx.request, {"grad": grad}))
+        # the trunk adapter's squared gradient norm so far (a stand-in reply has none: unknown)
+        link.trunk_sq_norm = reply.tensors.get("sq_norm", torch.tensor(float("nan"), dtype=torch.float64))
         return reply.tensors["grad"].to(grad.device), None, None, None
 
 
@@ -48,6 +50,7 @@ class SplitDecoder(torch.nn.Module):
         self.client = client
         self.requests = itertools.count()
         self.sessions = itertools.count()  # generation sessions (the trunk's key/value caches on the server)
+        self.trunk_sq_norm: Tensor | None = None  # from the last backward reply of the current step
 
     def restart(self, request: int = 0) -> None:
         """Number this client's trunk requests from ``request`` on (and its generation sessions from 0)."""
@@ -78,6 +81,9 @@ class SplitDecoder(torch.nn.Module):
         h = _Trunk.apply(h, attention_mask, pos, self)
         return SimpleNamespace(last_hidden_state=self.part.run_tail(h, attention_mask, pos))
 
-    def step(self) -> None:
-        """Tell the server to apply this client's trunk optimizer (after the local optimizer step)."""
-        self.transport.send(Message("step", self.client, next(self.requests)))
+    def step(self, scale: Tensor | None = None) -> None:
+        """Tell the server to apply this client's trunk optimizer (after the local optimizer step),
+        its gradient multiplied by ``scale`` first (clipping of the whole adapter's gradient)."""
+        tensors = {} if scale is None else {"scale": scale}
+        self.transport.send(Message("step", self.client, next(self.requests), tensors))
+        self.trunk_sq_norm = None

@@ -9,7 +9,8 @@ Which client is active is set by ``use_client``; the server keeps that client's 
 adapter this model hands out and takes in (``adapter_parameters``) is the client's part only; the
 trunk's part is reached through ``trunk_adapter`` / ``set_trunk_adapter`` (what the server holds).
 The trunk's optimizer runs on the server: ``reset_trunk_optimizer`` at the start of a client's
-local training, ``step_trunk`` after each local step.
+local training, ``step_trunk`` after each local step (with the factor that clips the whole
+adapter's gradient, computed from ``trunk_sq_norm`` and the client's own).
 
 ``generate`` runs BIGRec's beam search split: the client keeps its blocks' key/value cache, the
 server keeps the trunk's per session (``fellrec.storage.generate``).
@@ -51,8 +52,13 @@ class _SplitModel(nn.Module):
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return trainable(self.client)
 
-    def step_trunk(self) -> None:
-        self.decoder.step()
+    def trunk_sq_norm(self) -> torch.Tensor:
+        """Σ ||grad||² of the trunk adapter in this step (the last backward reply's; 0 before any)."""
+        norm = self.decoder.trunk_sq_norm
+        return torch.zeros((), dtype=torch.float64) if norm is None else norm
+
+    def step_trunk(self, scale: torch.Tensor | None = None) -> None:
+        self.decoder.step(scale)
 
     def generate(self, input_ids, attention_mask, *, num_beams: int = 4, max_new_tokens: int = 32,
                  eos_token_id: int, pad_token_id: int | None = None, do_sample: bool = False):

@@ -69,6 +69,8 @@ class ReplayTransport:
                                  "from the one the server answered: the client's work is not deterministic")
         if reply is None:
             if message.kind in CONTENT_FREE:
+                if self.placeholders and not _finite(message):
+                    self._stop()  # a step's clipping factor from a stand-in reply
                 reply = Message(message.kind, message.client, message.request, {})
                 self._queue(message, up)
             else:

@@ -2,8 +2,11 @@
 
 Training: ``forward`` runs the trunk on the client's hidden states (keeping the graph),
 ``backward`` takes the gradient at the trunk's output, back-propagates through the trunk and
-returns the gradient at its input (the trunk adapter's gradients accumulate), and ``step`` applies
-the client's trunk optimizer and zeroes them. Generation: ``decode`` runs the trunk keeping its
+returns the gradient at its input (the trunk adapter's gradients accumulate) with the squared norm
+of the trunk adapter's gradient so far (``sq_norm``), and ``step`` applies the client's trunk
+optimizer and zeroes them. Gradient clipping is over the whole adapter, as unsplit: the client adds
+its own squared norm to the trunk's, and its ``step`` carries the factor (``scale``) both sides
+multiply their gradients by. Generation: ``decode`` runs the trunk keeping its
 key/value cache per (client, session) until ``release``; ``reorder`` follows the beams the client
 kept. The client drives everything. Requests of one client are served in order; the trunk adapter
 is swapped in per request, so one trunk serves every client.
@@ -41,7 +44,6 @@ class TrunkServer:
         self.optimizers: dict[str, object] = {}
         self.pending: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
         self.loaded: str | None = None
-        self.grad_clip = 0.0  # clip the trunk adapter's gradient norm to this (0 = off)
         self.sessions: dict[tuple[str, int], DynamicCache] = {}  # generation: trunk key/value caches
 
     def adapter(self, client: str) -> dict[str, Tensor]:
@@ -89,7 +91,7 @@ class TrunkServer:
             self._load(c)
             hidden, out = self.pending.pop((c, r))
             out.backward(message.tensors["grad"])
-            return Message("backward", c, r, {"grad": hidden.grad})
+            return Message("backward", c, r, {"grad": hidden.grad, "sq_norm": squared_norm(self._params(c))})
         if message.kind == "decode":  # generation: the trunk's key/value cache stays here, per session
             self._load(c)
             t = message.tensors
@@ -114,8 +116,11 @@ class TrunkServer:
             optimizer = self.optimizers.get(c)
             if optimizer is not None:
                 optimizer, scheduler = optimizer if isinstance(optimizer, tuple) else (optimizer, None)
-                if self.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+                if "scale" in message.tensors:  # the whole adapter's gradient clipped (the client's factor)
+                    scale = message.tensors["scale"].to(torch.float32)
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad.mul_(scale.to(p.grad.device))
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
@@ -123,6 +128,15 @@ class TrunkServer:
                 p.grad = None
             return Message("step", c, r, {})
         raise ValueError(f"unknown message kind {message.kind!r}")
+
+
+def squared_norm(params) -> Tensor:
+    """Σ ||grad||² over ``params`` (float64): one side's share of the whole adapter's gradient norm."""
+    total = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is not None:
+            total += p.grad.detach().double().pow(2).sum().cpu()
+    return total
 
 
 def _adapter(trunk: TrunkPart, tensors: dict[str, Tensor]):

@@ -408,9 +408,10 @@ def test_split_mode_over_flower_reproduces_the_embedded_split_run(tmp_path, embe
     grid = serve(load_config(None, SPLIT), tmp_path / "run", tmp_path)
     assert_same_run(tmp_path / "run", embedded_split)  # losses, split bytes, metrics, adapters
     kinds = Counter(k for k, _ in grid.delivered)
-    # 2 local steps at k = 0: the first forward; a step's backward and step with the next forward; the last
-    # backward and step; the update. Validation and test: every micro-batch in one message, then the result.
-    assert (kinds["train"], kinds["train.split"]) == (3, 9)
+    # 2 local steps at k = 0, gradient clipping on (the default): the first forward; its backward; the step
+    # (its clipping factor needs the trunk's norm from the backward's reply) with the next forward; the last
+    # backward; the last step with the update. Validation and test: every micro-batch in one message, then the result.
+    assert (kinds["train"], kinds["train.split"]) == (3, 12)
     assert (kinds["evaluate"], kinds["evaluate.split"]) == (3, 3)
     assert (kinds["evaluate.test"], kinds["evaluate.test_split"]) == (3, 3)
     assert kinds["query.split"] == 3

@@ -1,7 +1,8 @@
 """What a client sends, inspected message by message (issue 17 §4): in plain mode, FedPA and split
 mode, every reply a ClientApp sends in a whole run holds only the records its message type
 declares, adapter tensors it was sent (same names and shapes), the metrics and evaluation outputs
-of the protocol, and in split mode the activations and gradients at the cut. No reply carries an
+of the protocol, and in split mode the activations and gradients at the cut (and each step's gradient
+clipping factor). No reply carries an
 item id, a history or any other raw interaction."""
 
 import re
@@ -18,7 +19,7 @@ COUNTS = {"train", "valid", "test", "steps-per-round"}
 TRAIN_METRICS = {"loss", "steps", "num-examples", "split_bytes_up", "split_bytes_down"}
 FEDPA_EVAL = {"logloss", "auc", "n"}
 FEDPA_SCORES = {"rounds", "valid", "test", "valid-labels", "test-labels"}  # predictions per round, the labels
-SPLIT_REQUEST = re.compile(r"^\d+\.(hidden|grad|attention_mask|position_ids|train)$")
+SPLIT_REQUEST = re.compile(r"^\d+\.(hidden|grad|attention_mask|position_ids|train|scale)$")
 
 # message type -> the records its reply may hold (record name -> kind); every reply but whoami's also
 # holds ``timing`` (TIMING_KEYS)
@@ -73,6 +74,8 @@ def check_run(grid, *, ranking: bool, hidden: int | None = None, titles=None):
                     assert SPLIT_REQUEST.match(key), key
                     if key.endswith(("hidden", "grad")):
                         assert x.dtype == np.float32 and x.ndim == 3 and x.shape[-1] == hidden
+                    elif key.endswith("scale"):  # a step's gradient clipping factor, min(1, clip / norm)
+                        assert x.dtype == np.float32 and x.ndim == 0 and 0 < x <= 1
                     elif key.endswith(("attention_mask", "train")):  # a mask; whether the trunk trains
                         assert set(np.unique(x)) <= {0, 1}
                     else:  # positions

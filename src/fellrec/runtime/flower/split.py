@@ -346,7 +346,6 @@ class TrunkHost:
                 self.public["item_emb"] = backbone.item_embeddings().detach().cpu()
         self.client_initial = get_adapter(split)  # the clients' part, to check theirs against
         self.server = ConcurrentTrunkServer(split.server.trunk)
-        self.server.grad_clip = cfg.train.grad_clip
         self.initial = self.server.initial
         self.names = list(self.initial)
         self.cfg = cfg
