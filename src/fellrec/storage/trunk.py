@@ -132,11 +132,8 @@ class TrunkServer:
 
 def squared_norm(params) -> Tensor:
     """Σ ||grad||² over ``params`` (float64): one side's share of the whole adapter's gradient norm."""
-    total = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is not None:
-            total += p.grad.detach().double().pow(2).sum().cpu()
-    return total
+    parts = [p.grad.detach().double().pow(2).sum() for p in params if p.grad is not None]
+    return torch.stack(parts).sum().cpu() if parts else torch.zeros((), dtype=torch.float64)
 
 
 def _adapter(trunk: TrunkPart, tensors: dict[str, Tensor]):
