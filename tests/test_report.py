@@ -295,6 +295,33 @@ def test_compare_pairs_seed_groups_seed_by_seed(tmp_path):
     assert rows[2][9] == ("*" if abs(np.mean(each)) > half else "")
 
 
+def test_compare_pairs_the_spread_across_clients_seed_by_seed(tmp_path):
+    import numpy as np
+
+    gini = {("fedavg", 7): 0.20, ("fedavg", 8): 0.14, ("fedavg", 9): 0.17, ("fedavg", 10): 0.11,
+            ("fedprox", 7): 0.15, ("fedprox", 8): 0.13, ("fedprox", 9): 0.10, ("fedprox", 10): 0.12}
+    for spec in (RUN_A, RUN_B):
+        for seed in (7, 8, 9, 10):
+            name = f"{spec['name']}-s{seed}"
+            out = make_run(tmp_path, {**spec, "name": name})
+            config = yaml.safe_load((out / "config.yaml").read_text())
+            (out / "config.yaml").write_text(yaml.safe_dump({**config, "name": name, "seed": seed}))
+            results = json.loads((out / "results.json").read_text())
+            results["imbalance"]["recall@10"]["gini"] = gini[spec["algorithm"], seed]
+            (out / "results.json").write_text(json.dumps(results))
+    text, _ = compare(sorted(tmp_path.iterdir()))
+    rows = table_rows(text.split("## Spread of recall@10 across clients")[1].split("##")[0])
+    assert rows[0][:3] == ["A", "B", "seeds"] and rows[0][-4:] == ["Gini A − B", "seeds", "t CI over seeds", ""]
+    (row,) = rows[2:]
+    each = [gini["fedavg", s] - gini["fedprox", s] for s in (7, 8, 9, 10)]  # 0.05, 0.01, 0.07, -0.01
+    half = 3.182446 * np.std(each, ddof=1) / 2  # Student's t over the 4 seeds, 3 df, from a table
+    assert row[:3] == ["alpha-fedavg-s*", "beta-fedprox-s*", "4"]
+    assert row[-4:] == ["+0.0300", "-0.0100 to +0.0700", f"[{0.03 - half:.4f}, {0.03 + half:.4f}]", ""]
+    # the std and minimum are the same in every seed of either run: their differences, without spread
+    std = RUN_A["std"] - RUN_B["std"]
+    assert row[3:7] == [f"{std:+.4f}", f"{std:+.4f} to {std:+.4f}", f"[{std:.4f}, {std:.4f}]", "*"]
+
+
 def test_report_shows_intervals_and_warnings(tmp_path):
     out = make_run(tmp_path, RUN_A)
     results = json.loads((out / "results.json").read_text())

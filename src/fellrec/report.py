@@ -634,6 +634,11 @@ def comparison_tables(runs: Sequence[Run], metric: str) -> list[tuple[str, tuple
         out.append(("Paired differences over seeds (A − B of the users' seed-averaged values, 95% bootstrap "
                     "CI over users; * = the interval excludes 0; then each seed's difference, min to max, and "
                     "the 95% Student-t interval of their mean over the seeds)", (*by_seed, 3)))
+    balance = seed_balance_rows(runs, metric)
+    if balance[1]:
+        out.append((f"Spread of {metric} across clients, paired over seeds (A − B of each seed's std, minimum "
+                     "and Gini across clients; the mean, each seed's, and the 95% Student-t interval over the "
+                     "seeds; * = the interval excludes 0)", (*balance, 3)))
     out.append((f"{metric} per client (test)", client_rows(runs, metric)))
     return out
 
@@ -763,6 +768,37 @@ def seed_paired_rows(runs: Sequence[Run], metrics: Sequence[str]) -> tuple[list[
                       f"{min(each):+.4f} to {max(each):+.4f}", fmt_interval((low, high)),
                       "*" if low > 0 or high < 0 else ""]
         rows.append([_group_name(ga), _group_name(gb), str(len(seeds)), str(n), *cells])
+    return header, rows
+
+
+BALANCE = (("std", "std"), ("min", "min"), ("gini", "Gini"))
+
+
+def seed_balance_rows(runs: Sequence[Run], metric: str = "recall@10") -> tuple[list[str], list[list[str]]]:
+    """Every two seed groups on the same test set: A − B of the spread of ``metric`` across clients (std,
+    the weakest client, Gini), seed by seed over the seeds both ran, with the Student-t interval of the
+    mean difference over the seeds. A pair where a seed lacks a value is left out."""
+    from fellrec.stats import over_seeds
+
+    header = ["A", "B", "seeds"]
+    for _, label in BALANCE:
+        header += [f"{label} A − B", "seeds", "t CI over seeds", ""]
+    rows = []
+    for ga, gb, seeds in seed_pairs(seed_groups(runs)):
+        spread = [{r.config.get("seed"): ((r.results.get("imbalance") or {}).get(metric) or {}) for r in g}
+                  for g in (ga, gb)]
+        cells = []
+        for key, _ in BALANCE:
+            values = [(spread[0][s].get(key), spread[1][s].get(key)) for s in seeds]
+            if any(not (_finite(a) and _finite(b)) for a, b in values):
+                cells = []
+                break
+            each = [float(a) - float(b) for a, b in values]
+            low, high = over_seeds(each)
+            cells += [f"{np.mean(each):+.4f}", f"{min(each):+.4f} to {max(each):+.4f}", fmt_interval((low, high)),
+                      "*" if low > 0 or high < 0 else ""]
+        if cells:
+            rows.append([_group_name(ga), _group_name(gb), str(len(seeds)), *cells])
     return header, rows
 
 
