@@ -81,13 +81,15 @@ class AdapterTrainer:
                                               warmup=rnd == 1)
         split_before = (0, 0)
         if is_split(model):  # the server trains the trunk's adapter with its own optimizer, step for step
-            model.reset_trunk_optimizer(lambda ps: make_optimizer(ps, t, self.steps_per_round, warmup=rnd == 1))
+            model.reset_trunk_optimizer(lambda ps: make_optimizer(ps, t, self.steps_per_round, warmup=rnd == 1),
+                                        prox_mu=float(payload.config.get("prox_mu", 0.0)))
             optimizer = WithTrunk(optimizer, model, t.grad_clip)
             split_before = (model.transport.bytes_up, model.transport.bytes_down)
         loss = self.backbone.loss
         mu = float(payload.config.get("prox_mu", 0.0))
         if mu > 0:
-            loss = proximal(loss, adapter_parameters(model), payload.tensors, mu)
+            loss = proximal(loss, adapter_parameters(model), payload.tensors, mu,
+                            trunk=model.trunk_prox if is_split(model) else None)
         losses = []
         if len(self.train) and self.steps_per_round:
             losses = train_steps(model, loss, self.train, steps=self.steps_per_round,
@@ -242,12 +244,15 @@ class WithTrunk:
         self.optimizer.load_state_dict(state)
 
 
-def proximal(loss, params: dict[str, torch.nn.Parameter], anchor: Tensors, mu: float):
-    """``loss`` plus FedProx's (μ/2)·Σ ||w − w_anchor||² over the adapter tensors."""
+def proximal(loss, params: dict[str, torch.nn.Parameter], anchor: Tensors, mu: float, trunk=None):
+    """``loss`` plus FedProx's (μ/2)·Σ ||w − w_anchor||² over the adapter tensors. In split mode the
+    trunk's part of the term is the server's (``trunk()``: its value, read after the forward; the
+    server adds its gradient)."""
     pairs = [(p, anchor[name].detach().to(p.device)) for name, p in params.items() if name in anchor]
 
     def with_term(batch: Samples) -> torch.Tensor:
         term = sum(((p - a) ** 2).sum() for p, a in pairs)
-        return loss(batch) + 0.5 * mu * term
+        value = loss(batch) + 0.5 * mu * term
+        return value if trunk is None else value + trunk().to(value.device)
 
     return with_term

@@ -239,10 +239,12 @@ def test_split_bigrec_run_generates_and_grounds(tmp_path, monkeypatch):
     assert r["samples"]["test"] == 6 and all(0 <= v["recall@20"] <= 1 for v in r["clients"].values())
 
 
-def test_split_item_token_run_trains_like_the_whole_model(tmp_path, monkeypatch):
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox"])
+def test_split_item_token_run_trains_like_the_whole_model(tmp_path, monkeypatch, algorithm):
     """The item-token backbone split at k = 0 (LoRA on both blocks of the tiny model, the items enter at
     the input, on the client; block 0 is the trunk): the same losses and metrics as unsplit, and the
-    trunk's LoRA does not travel."""
+    trunk's LoRA does not travel. FedProx: the trunk's proximal term is the server's, its value part
+    of the client's loss."""
     import json
 
     from fellrec.config import load_config
@@ -252,8 +254,8 @@ def test_split_item_token_run_trains_like_the_whole_model(tmp_path, monkeypatch)
     sets = ["model.name_or_path=tiny-random", "model.backbone=item-tokens", "partition.method=attribute",
             "partition.attribute=gender", "split.method=leave-one-out", "split.history_len=6",
             "split.train_stride=6", "train.batch_size=8", "train.local_steps=2", "eval.max_valid_samples=8",
-            "eval.max_test_samples=30", "train.rounds=2", "train.algorithm=fedavg", "train.grad_clip=0.05",
-            "train.lr=0.01"]
+            "eval.max_test_samples=30", "train.rounds=2", f"train.algorithm={algorithm}", "train.grad_clip=0.05",
+            "train.lr=0.01", "train.local_steps=3", "train.prox_mu=1.0"]
     whole = run(load_config(None, [*sets, "name=whole"]), tmp_path, progress=False)
     split = run(load_config(None, [*sets, "name=split", "storage.k=0"]), tmp_path, progress=False)
     lw, ls = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (whole, split))

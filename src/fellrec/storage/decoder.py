@@ -31,6 +31,7 @@ class _Trunk(torch.autograd.Function):
             "hidden": hidden, "attention_mask": attention_mask, "position_ids": position_ids,
             "train": torch.tensor(int(train))}))
         ctx.link, ctx.request = link, request
+        link.trunk_prox = reply.tensors.get("prox")  # FedProx: the trunk part's term, when the server has one
         return reply.tensors["hidden"].to(hidden.device)
 
     @staticmethod
@@ -51,6 +52,7 @@ class SplitDecoder(torch.nn.Module):
         self.requests = itertools.count()
         self.sessions = itertools.count()  # generation sessions (the trunk's key/value caches on the server)
         self.trunk_sq_norm: Tensor | None = None  # from the last backward reply of the current step
+        self.trunk_prox: Tensor | None = None  # from the last training forward's reply
 
     def restart(self, request: int = 0) -> None:
         """Number this client's trunk requests from ``request`` on (and its generation sessions from 0)."""

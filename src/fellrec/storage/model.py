@@ -57,6 +57,12 @@ class _SplitModel(nn.Module):
         norm = self.decoder.trunk_sq_norm
         return torch.zeros((), dtype=torch.float64) if norm is None else norm
 
+    def trunk_prox(self) -> torch.Tensor:
+        """FedProx's term of the trunk adapter, μ/2·||w − w_start||², as the last training forward's
+        reply gave it (0 without FedProx): the server adds its gradient, this is only its value."""
+        prox = self.decoder.trunk_prox
+        return torch.zeros(()) if prox is None else prox.to(torch.float32)
+
     def step_trunk(self, scale: torch.Tensor | None = None) -> None:
         self.decoder.step(scale)
 
@@ -102,8 +108,8 @@ class SplitLM(_SplitModel):
     def set_trunk_adapter(self, tensors: dict[str, torch.Tensor]) -> None:
         self.server.set_adapter(self.decoder.client, tensors)
 
-    def reset_trunk_optimizer(self, make: Callable | None) -> None:
-        self.server.reset_optimizer(self.decoder.client, make)
+    def reset_trunk_optimizer(self, make: Callable | None, prox_mu: float = 0.0) -> None:
+        self.server.reset_optimizer(self.decoder.client, make, prox_mu)
 
     def disable_adapter(self):
         """Adapters off on every part (in this process the parts share the whole model's layers)."""
@@ -157,8 +163,9 @@ class ClientSplitLM(_SplitModel):
         if tensors:
             raise ValueError("the trunk adapter is the server's: this client holds no trunk")
 
-    def reset_trunk_optimizer(self, make: Callable | None) -> None:
-        """Nothing here: the server resets the trunk's optimizer when the client's training begins."""
+    def reset_trunk_optimizer(self, make: Callable | None, prox_mu: float = 0.0) -> None:
+        """Nothing here: the server resets the trunk's optimizer (and FedProx's anchor) when the client's
+        training begins."""
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:

@@ -6,7 +6,10 @@ returns the gradient at its input (the trunk adapter's gradients accumulate) wit
 of the trunk adapter's gradient so far (``sq_norm``), and ``step`` applies the client's trunk
 optimizer and zeroes them. Gradient clipping is over the whole adapter, as unsplit: the client adds
 its own squared norm to the trunk's, and its ``step`` carries the factor (``scale``) both sides
-multiply their gradients by. Generation: ``decode`` runs the trunk keeping its
+multiply their gradients by. FedProx (``prox_mu`` at ``reset_optimizer``): the proximal term of
+the trunk's part, μ/2·||w − w_start||², is the server's: its gradient is added at the step (and in
+the norm the backward reports), its value comes with each training forward (``prox``) for the
+client's loss. Generation: ``decode`` runs the trunk keeping its
 key/value cache per (client, session) until ``release``; ``reorder`` follows the beams the client
 kept. The client drives everything. Requests of one client are served in order; the trunk adapter
 is swapped in per request, so one trunk serves every client.
@@ -45,6 +48,7 @@ class TrunkServer:
         self.pending: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
         self.loaded: str | None = None
         self.sessions: dict[tuple[str, int], DynamicCache] = {}  # generation: trunk key/value caches
+        self.prox: dict[str, tuple[float, list[Tensor]]] = {}  # FedProx: (μ, the trunk adapter at the start)
 
     def adapter(self, client: str) -> dict[str, Tensor]:
         """The client's trunk adapter (the common initial one until it trains)."""
@@ -58,11 +62,23 @@ class TrunkServer:
         if self.loaded == client:
             self.loaded = None
 
-    def reset_optimizer(self, client: str, make: Callable | None) -> None:
-        """A fresh trunk optimizer for ``client`` (``make(params) -> (optimizer, scheduler or None)``)."""
+    def reset_optimizer(self, client: str, make: Callable | None, prox_mu: float = 0.0) -> None:
+        """A fresh trunk optimizer for ``client`` (``make(params) -> (optimizer, scheduler or None)``);
+        with ``prox_mu`` > 0, FedProx's term pulls the trunk adapter towards what it is now."""
         self.optimizers.pop(client, None)
+        self.prox.pop(client, None)
         if make is not None:
             self.optimizers[client] = make(self._params(client))
+        if prox_mu > 0:
+            self._load(client)  # the client's values in the parameters _params gives
+            self.prox[client] = (float(prox_mu), [p.detach().clone() for p in self._params(client)])
+
+    def _prox_grads(self, client: str, params: list[torch.nn.Parameter]) -> list[Tensor] | None:
+        """μ·(w − w_start) of each trunk tensor (FedProx's gradient), or None without FedProx."""
+        if client not in self.prox:
+            return None
+        mu, start = self.prox[client]
+        return [mu * (p.detach() - a.to(p.device)) for p, a in zip(params, start, strict=True)]
 
     def _params(self, client: str) -> list[torch.nn.Parameter]:
         """The parameters ``client``'s trunk adapter trains (here: the trunk's, shared)."""
@@ -84,14 +100,24 @@ class TrunkServer:
             hidden = t["hidden"].requires_grad_(train)
             with torch.set_grad_enabled(train), _adapter(self.trunk, t):
                 out = self.trunk(hidden, t["attention_mask"], t["position_ids"])
+            reply = {"hidden": out.detach()}
             if train:
                 self.pending[(c, r)] = (hidden, out)
-            return Message("forward", c, r, {"hidden": out.detach()})
+                prox = self._prox_grads(c, self._params(c))
+                if prox is not None:  # the value of the trunk's proximal term, μ/2·||w − w_start||²
+                    mu = self.prox[c][0]
+                    reply["prox"] = squared_norm_of(prox) / (2 * mu)
+            return Message("forward", c, r, reply)
         if message.kind == "backward":
             self._load(c)
             hidden, out = self.pending.pop((c, r))
             out.backward(message.tensors["grad"])
-            return Message("backward", c, r, {"grad": hidden.grad, "sq_norm": squared_norm(self._params(c))})
+            params = self._params(c)
+            grads = [p.grad for p in params if p.grad is not None]
+            prox = self._prox_grads(c, params)
+            if prox is not None:  # the norm of the step's whole gradient, the proximal term's included
+                grads = [g + q if g is not None else q for g, q in zip((p.grad for p in params), prox, strict=True)]
+            return Message("backward", c, r, {"grad": hidden.grad, "sq_norm": squared_norm_of(grads)})
         if message.kind == "decode":  # generation: the trunk's key/value cache stays here, per session
             self._load(c)
             t = message.tensors
@@ -116,6 +142,10 @@ class TrunkServer:
             optimizer = self.optimizers.get(c)
             if optimizer is not None:
                 optimizer, scheduler = optimizer if isinstance(optimizer, tuple) else (optimizer, None)
+                prox = self._prox_grads(c, params)
+                if prox is not None:
+                    for p, q in zip(params, prox, strict=True):
+                        p.grad = q.clone() if p.grad is None else p.grad.add_(q)
                 if "scale" in message.tensors:  # the whole adapter's gradient clipped (the client's factor)
                     scale = message.tensors["scale"].to(torch.float32)
                     for p in params:
@@ -132,7 +162,12 @@ class TrunkServer:
 
 def squared_norm(params) -> Tensor:
     """Σ ||grad||² over ``params`` (float64): one side's share of the whole adapter's gradient norm."""
-    parts = [p.grad.detach().double().pow(2).sum() for p in params if p.grad is not None]
+    return squared_norm_of([p.grad for p in params if p.grad is not None])
+
+
+def squared_norm_of(tensors) -> Tensor:
+    """Σ ||t||² over ``tensors``, in float64 on the CPU."""
+    parts = [t.detach().double().pow(2).sum() for t in tensors]
     return torch.stack(parts).sum().cpu() if parts else torch.zeros((), dtype=torch.float64)
 
 

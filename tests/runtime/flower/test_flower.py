@@ -528,8 +528,10 @@ def test_fedpa_baselines_over_flower_reproduce_the_embedded_runs(tmp_path, monke
 
 @pytest.mark.slow
 def test_split_item_tokens_over_flower_reproduce_the_embedded_split_run(tmp_path):
+    """FedProx, whose trunk part of the proximal term the ServerApp's trunk adds (with μ large enough to
+    matter); the embedded split run equals the unsplit one (tests/storage/test_storage.py)."""
     sets = [*ITEMS, "train.rounds=1", "storage.k=0", "model.lora.dropout=0", "model.lora.last_blocks=null",
-            "train.algorithm=fedavg", "name=split-items"]
+            "train.algorithm=fedprox", "train.prox_mu=1.0", "train.local_steps=3", "name=split-items"]
     expected = embedded_split_run(tmp_path / "embedded", sets)
     serve(load_config(None, sets), tmp_path / "run", tmp_path)
     assert_same_run(tmp_path / "run", expected)

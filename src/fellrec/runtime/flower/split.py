@@ -372,12 +372,13 @@ class TrunkHost:
 
     # ---- exchanges ------------------------------------------------------------------------------
 
-    def begin(self, client: str, kind: str, trunk: Tensors, train_round: int | None = None) -> None:
+    def begin(self, client: str, kind: str, trunk: Tensors, train_round: int | None = None,
+              prox_mu: float = 0.0) -> None:
         self.server.drop(client)
         self.server.set_adapter(client, trunk)
         if train_round is not None:
             t, steps, warm = self.cfg.train, self.steps[client], train_round == 1
-            self.server.reset_optimizer(client, lambda ps: make_optimizer(ps, t, steps, warmup=warm))
+            self.server.reset_optimizer(client, lambda ps: make_optimizer(ps, t, steps, warmup=warm), prox_mu)
         with self._forked():
             torch.manual_seed(derive_seed(self.cfg.seed, train_round or 0, f"trunk/{client}"))
             self.rng[client] = _rng_state(self.device)
@@ -502,7 +503,8 @@ class SplitClients:
     def fit(self, rnd: int, payloads: dict[str, Payload]) -> dict[str, Any]:
         host, first = self.host, {}
         for c, p in payloads.items():
-            host.begin(c, "train", host.trunk_of(c, p.tensors), train_round=rnd)
+            host.begin(c, "train", host.trunk_of(c, p.tensors), train_round=rnd,
+                       prox_mu=float(p.config.get("prox_mu", 0.0)))
             first[c] = lambda p=p: first_content(rnd, f"fit-{rnd}", host.client_part(p.tensors), p.config)
         replies = host.drive(self.nodes, "train", f"fit-{rnd}", first, rnd)
         updates = {}
