@@ -80,13 +80,13 @@ class AdapterTrainer:
         optimizer, scheduler = make_optimizer(self._param_groups(model, frozen), t, self.steps_per_round,
                                               warmup=rnd == 1)
         split_before = (0, 0)
+        mu = float(payload.config.get("prox_mu", 0.0))
         if is_split(model):  # the server trains the trunk's adapter with its own optimizer, step for step
             model.reset_trunk_optimizer(lambda ps: make_optimizer(ps, t, self.steps_per_round, warmup=rnd == 1),
-                                        prox_mu=float(payload.config.get("prox_mu", 0.0)))
+                                        prox_mu=mu)
             optimizer = WithTrunk(optimizer, model, t.grad_clip)
             split_before = (model.transport.bytes_up, model.transport.bytes_down)
         loss = self.backbone.loss
-        mu = float(payload.config.get("prox_mu", 0.0))
         if mu > 0:
             loss = proximal(loss, adapter_parameters(model), payload.tensors, mu,
                             trunk=model.trunk_prox if is_split(model) else None)

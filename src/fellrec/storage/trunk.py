@@ -103,10 +103,10 @@ class TrunkServer:
             reply = {"hidden": out.detach()}
             if train:
                 self.pending[(c, r)] = (hidden, out)
-                prox = self._prox_grads(c, self._params(c))
-                if prox is not None:  # the value of the trunk's proximal term, μ/2·||w − w_start||²
-                    mu = self.prox[c][0]
-                    reply["prox"] = squared_norm_of(prox) / (2 * mu)
+                if c in self.prox:  # the value of the trunk's proximal term, μ/2·||w − w_start||²
+                    mu, start = self.prox[c]
+                    moved = [p.detach() - a.to(p.device) for p, a in zip(self._params(c), start, strict=True)]
+                    reply["prox"] = mu / 2 * squared_norm_of(moved)
             return Message("forward", c, r, reply)
         if message.kind == "backward":
             self._load(c)
